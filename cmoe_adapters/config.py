@@ -1,0 +1,192 @@
+"""`ContinualMoEConfig`: the one place where every switch of the method is visible.
+
+The config is a plain peft `PeftConfig` dataclass, so `save_pretrained` writes it as
+`adapter_config.json` and `PeftModel.from_pretrained` reads it back. Besides the hyper-parameters it
+carries the *structure* the continual stream has grown so far (`task_records`): loading rebuilds the
+same experts and routers from it before the weights are read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import PeftConfig
+
+from ._peft import CONTINUAL_MOE
+
+# A task name becomes a module-independent key, a directory name and a Hub revision (branch or tag),
+# so it must be a valid git ref component. These are the rules of `git check-ref-format` for one
+# component, made a little stricter (no spaces, no leading dash) so it is also a safe directory name.
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_MAX_TASK_NAME = 100
+
+
+def validate_task_name(name: object) -> str:
+    """Return `name` if it can name a task (a git ref, a directory), else raise `ValueError` saying why."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A task name must be a non-empty string, got {name!r}.")
+    problems = []
+    if len(name) > _MAX_TASK_NAME:
+        problems.append(f"it is longer than {_MAX_TASK_NAME} characters")
+    if not _TASK_NAME.match(name):
+        problems.append("use only letters, digits, '_', '-' and '.', and do not start with '-' or '.'")
+    if ".." in name or name.endswith((".", ".lock")):
+        problems.append("it may not contain '..' or end with '.' or '.lock' (git refuses such refs)")
+    if name in {"main", "master", "HEAD"}:
+        problems.append("it is reserved for the branch that holds the latest state")
+    if problems:
+        raise ValueError(
+            f"Task name {name!r} cannot be used: " + "; ".join(problems) + ". Task names become directory "
+            "names and Hub revisions, e.g. 'color', 'vqa_v2', 'ocr-vqa'."
+        )
+    return name
+
+
+@dataclass
+class ContinualMoEConfig(PeftConfig):
+    """Configuration of a continual mixture of LoRA experts.
+
+    Each adapted linear layer computes ``W x + s * sum_e g_e(x) B_e A_e x`` with ``s = lora_alpha / r``,
+    where the gates ``g`` come from the router of the sample's task (each task has its own router in
+    every layer). A new task adds ``experts_per_task`` trainable experts per layer; earlier experts and
+    routers are frozen, so earlier tasks keep their exact outputs.
+
+    Args:
+        r: rank of each expert. A token's active rank is ``r * top_k`` (``r * num_experts`` when dense).
+        lora_alpha: scaling numerator; each expert's output is scaled by ``lora_alpha / r`` as in LoRA.
+        lora_dropout: dropout on the experts' input (not on the router's input).
+        target_modules: module names (suffix match) or one regex (full match). Default: every linear
+            layer of the language model, found per architecture; never the vision tower, projector
+            or lm_head.
+        exclude_modules: module names or a regex to leave out of `target_modules`.
+        num_experts: experts of the first task, in every adapted layer.
+        top_k: experts mixed per token; ``None`` routes densely (softmax over all experts).
+        experts_per_task: trainable experts each later task adds per layer (default: ``num_experts``;
+            ``0`` means later tasks only learn a router over the frozen experts).
+        router_aux_loss_coef: weight of the load-balancing loss (Switch/Mixtral style) that
+            `ContinualMoETrainer` adds to the task loss; ``0`` disables it.
+        router_init_std: standard deviation of the normal init of a new router's weights.
+        modules_to_save: extra modules trained in full and saved with the adapter (peft semantics).
+        task_records: the grown structure, one record per task in order (written by ``add_task``;
+            leave it empty when creating a config).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt (suffixes or one regex); default: the language model's linears."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to leave out (suffixes or one regex)."}
+    )
+    num_experts: int = field(default=4, metadata={"help": "Experts of the first task in every adapted layer."})
+    top_k: int | None = field(default=2, metadata={"help": "Experts per token; None for dense routing."})
+    experts_per_task: int | None = field(
+        default=None, metadata={"help": "New trainable experts per later task and layer (default num_experts)."}
+    )
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
+    router_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of new routers."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    task_records: list[dict[str, Any]] = field(
+        default_factory=list, metadata={"help": "The tasks learnt so far and the experts each added (state)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = CONTINUAL_MOE
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.experts_per_task is None:
+            self.experts_per_task = self.num_experts
+        self._validate()
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        errors = []
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.r) or self.r < 1:
+            errors.append(f"r={self.r!r}: the expert rank must be an integer >= 1.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            errors.append(f"lora_alpha={self.lora_alpha!r}: must be a positive number.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1).")
+        if not is_int(self.num_experts) or self.num_experts < 1:
+            errors.append(f"num_experts={self.num_experts!r}: must be an integer >= 1.")
+        if not is_int(self.experts_per_task) or self.experts_per_task < 0:
+            errors.append(
+                f"experts_per_task={self.experts_per_task!r}: must be an integer >= 0 "
+                "(0 = later tasks only learn a router over the frozen experts)."
+            )
+        if self.top_k is not None:
+            if not is_int(self.top_k) or self.top_k < 1:
+                errors.append(f"top_k={self.top_k!r}: must be an integer >= 1, or None for dense routing.")
+            elif is_int(self.num_experts) and self.top_k > self.num_experts:
+                errors.append(
+                    f"top_k={self.top_k} exceeds num_experts={self.num_experts}: lower top_k, raise "
+                    "num_experts, or set top_k=None for dense routing."
+                )
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
+            errors.append(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: must be >= 0.")
+        if not isinstance(self.router_init_std, (int, float)) or self.router_init_std < 0:
+            errors.append(f"router_init_std={self.router_init_std!r}: must be >= 0.")
+        for attr in ("target_modules", "exclude_modules"):
+            value = getattr(self, attr)
+            if value is None or isinstance(value, str):
+                if isinstance(value, str):
+                    try:
+                        re.compile(value)
+                    except re.error as exc:
+                        errors.append(f"{attr}={value!r} is not a valid regular expression: {exc}.")
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                errors.append(f"{attr}={value!r}: must be a list of module names or one regex string.")
+            elif attr == "target_modules" and not value:
+                errors.append("target_modules=[] adapts nothing: leave it None for the architecture's default.")
+        if not isinstance(self.task_records, list):
+            errors.append("task_records must be a list (it is written by add_task; leave it empty).")
+        else:
+            seen: set[str] = set()
+            for record in self.task_records:
+                name = record.get("name") if isinstance(record, dict) else None
+                try:
+                    validate_task_name(name)
+                except ValueError as exc:
+                    errors.append(f"task_records: {exc}")
+                    continue
+                if name in seen:
+                    errors.append(f"task_records: task {name!r} appears twice.")
+                seen.add(name)
+        if errors:
+            raise ValueError("Invalid ContinualMoEConfig:\n  - " + "\n  - ".join(errors))
+
+    # -- task structure ---------------------------------------------------------------------------
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in the order they were added."""
+        return [record["name"] for record in self.task_records]
+
+    def new_experts_for(self, task_index: int, layer_name: str) -> int:
+        """How many experts the task at `task_index` added in the layer `layer_name`.
+
+        The first task creates `num_experts`; each later one `experts_per_task`, unless its record
+        restricts growth to some layers (`expanded_layers`) or sets its own count (`new_experts`).
+        """
+        record = self.task_records[task_index]
+        count = record.get("new_experts")
+        if count is None:
+            count = self.num_experts if task_index == 0 else self.experts_per_task
+        expanded = record.get("expanded_layers")
+        if expanded is not None and layer_name not in expanded:
+            return 0
+        return int(count)
