@@ -148,6 +148,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self.train(base_layer.training)  # new modules start in training mode; follow the base model
 
     # -- structure --------------------------------------------------------------------------------
 
@@ -157,7 +158,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.cmoe_routers[adapter_name] = TaskRouters(self.in_features)
         self.cmoe_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        )
+        ).train(self.training)
+        self.cmoe_experts[adapter_name].train(self.training)
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.top_k[adapter_name] = config.top_k
         self.router_init_std[adapter_name] = config.router_init_std

@@ -72,14 +72,20 @@ class TaskRouters(nn.Module):
 
 
 def gates_from_logits(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """Mixture weights per token: softmax over the top-k logits (Mixtral), zeros elsewhere.
+    """Mixture weights per token, zeros outside the chosen experts.
 
-    ``top_k=None`` (or ``top_k >= E``) gives the dense softmax over all experts. Computed in the
-    logits' dtype; a single expert always gets weight exactly 1.
+    ``top_k >= 2``: softmax over the top-k logits (Mixtral). ``top_k == 1``: the chosen expert's
+    probability under the softmax over *all* experts (Switch) -- renormalising a single expert would
+    make its gate exactly 1 and leave the router without gradient. ``top_k=None`` (or
+    ``top_k >= E``): the dense softmax. A layer with a single expert always gets weight exactly 1.
     """
     num_experts = logits.shape[-1]
     if top_k is None or top_k >= num_experts:
         return logits.softmax(dim=-1)
+    if top_k == 1:
+        probs = logits.softmax(dim=-1)
+        value, index = probs.max(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, index, value)
     top_values, top_indices = logits.topk(top_k, dim=-1)
     return torch.zeros_like(logits).scatter(-1, top_indices, top_values.softmax(dim=-1))
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built from config (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import cmoe_adapters  # noqa: F401  (registers the method with peft)
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32, random weights, in eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        **overrides,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(1, 97, (3, 7), generator=generator)
+
+
+def randomize_experts(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every expert B (zero at init) and router random values so mixtures matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "cmoe_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
