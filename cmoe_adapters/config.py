@@ -74,7 +74,9 @@ class ContinualMoEConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
     target_modules: list[str] | str | None = field(
         default=None,
@@ -83,10 +85,13 @@ class ContinualMoEConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules to leave out (suffixes or one regex)."}
     )
-    num_experts: int = field(default=4, metadata={"help": "Experts of the first task in every adapted layer."})
+    num_experts: int = field(
+        default=4, metadata={"help": "Experts of the first task in every adapted layer."}
+    )
     top_k: int | None = field(default=2, metadata={"help": "Experts per token; None for dense routing."})
     experts_per_task: int | None = field(
-        default=None, metadata={"help": "New trainable experts per later task and layer (default num_experts)."}
+        default=None,
+        metadata={"help": "New trainable experts per later task and layer (default num_experts)."},
     )
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of new routers."})
@@ -151,7 +156,9 @@ class ContinualMoEConfig(PeftConfig):
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 errors.append(f"{attr}={value!r}: must be a list of module names or one regex string.")
             elif attr == "target_modules" and not value:
-                errors.append("target_modules=[] adapts nothing: leave it None for the architecture's default.")
+                errors.append(
+                    "target_modules=[] adapts nothing: leave it None for the architecture's default."
+                )
         if not isinstance(self.task_records, list):
             errors.append("task_records must be a list (it is written by add_task; leave it empty).")
         else:

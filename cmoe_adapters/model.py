@@ -44,7 +44,9 @@ class ContinualMoEModel(BaseTuner):
             self._generating = False
         self._install_task_keyword(model)
 
-    def _prepare_adapter_config(self, peft_config: ContinualMoEConfig, model_config: dict) -> ContinualMoEConfig:
+    def _prepare_adapter_config(
+        self, peft_config: ContinualMoEConfig, model_config: dict
+    ) -> ContinualMoEConfig:
         """Resolve the default targets for the architecture, and fail early if nothing matches."""
         model = self.model
         model_type = model_config.get("model_type", type(model).__name__)

@@ -63,8 +63,9 @@ def naive_mixture(layer: ContinualMoELayer, x: torch.Tensor, task: int) -> torch
 
 def make_layer(num_experts=4, top_k=2, tasks=1, experts_per_task=None, seed=0) -> ContinualMoELayer:
     torch.manual_seed(seed)
-    config = ContinualMoEConfig(r=3, lora_alpha=6, num_experts=num_experts, top_k=top_k,
-                                experts_per_task=experts_per_task)
+    config = ContinualMoEConfig(
+        r=3, lora_alpha=6, num_experts=num_experts, top_k=top_k, experts_per_task=experts_per_task
+    )
     config.task_records = [{"name": f"t{i}"} for i in range(tasks)]
     layer = ContinualMoELayer(nn.Linear(16, 12), "default", config, RoutingState(), layer_name="lin")
     randomize_experts(layer, seed)

@@ -39,7 +39,9 @@ def test_new_task_freezes_the_past_and_trains_only_its_own_parameters(input_ids)
     randomize_experts(model)  # B starts at zero, which would leave A's gradient at zero
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "task b must have trainable parameters"
-    assert all(".cmoe_routers.default.weight.1" in n or ".lora_A.1" in n or ".lora_B.1" in n for n in trainable)
+    assert all(
+        ".cmoe_routers.default.weight.1" in n or ".lora_A.1" in n or ".lora_B.1" in n for n in trainable
+    )
     assert not any("base_layer" in n or "embed" in n or "lm_head" in n for n in trainable)
     model.train()
     loss = model(input_ids=input_ids, labels=input_ids, task="b").loss
@@ -94,7 +96,7 @@ def test_task_names_are_validated(input_ids):
     with pytest.raises(ValueError, match="already exists"):
         model.add_task("color")
     for bad in ["", "has space", "a..b", "-x", "x.lock", "main", "a/b", "x" * 101]:
-        with pytest.raises(ValueError, match="cannot be used|non-empty"):
+        with pytest.raises(ValueError, match=r"cannot be used|non-empty"):
             model.add_task(bad)
     assert model.tasks == ["color"]
 
