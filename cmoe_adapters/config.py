@@ -69,6 +69,21 @@ class ContinualMoEConfig(PeftConfig):
             `ContinualMoETrainer` adds to the task loss; ``0`` disables it.
         router_init_std: standard deviation of the normal init of a new router's weights.
         modules_to_save: extra modules trained in full and saved with the adapter (peft semantics).
+        locator_feature_source: what the task locator looks at. ``"first_layer_input"`` (default):
+            the input of the first adapted layer, taken inside the forward pass the model does
+            anyway (no extra cost; routing does not influence it yet). ``"base_last_hidden"``: the
+            frozen base model's last hidden state (LLaVA-CMoE's choice), which costs one extra
+            forward pass of the base model whenever tasks are located or features collected.
+        locator_pooling: ``"mean"`` over the prompt tokens (image tokens included) or the
+            ``"last"`` prompt token. Answer tokens are never used, in training or at inference.
+        locator_latent_dim / locator_hidden_dim: size of each task's VAE.
+        locator_steps / locator_lr / locator_batch_size: fitting of a task's VAE.
+        locator_score: ``"elbo"`` (negative ELBO with the posterior mean) or ``"reconstruction"``.
+        locator_calibration_fraction: share of a task's features held out to calibrate its scores
+            (z-normalisation), so tasks with different feature scales compete fairly.
+        locator_temperature: softmax temperature turning calibrated scores into probabilities.
+        locator_max_features: features kept per task for fitting (reservoir sample).
+        locator_feature_dim: set when the first locator is fitted (state; leave it None).
         task_records: the grown structure, one record per task in order (written by ``add_task``;
             leave it empty when creating a config).
     """
@@ -98,6 +113,22 @@ class ContinualMoEConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
+    locator_feature_source: str = field(
+        default="first_layer_input", metadata={"help": "'first_layer_input' (free) or 'base_last_hidden'."}
+    )
+    locator_pooling: str = field(default="mean", metadata={"help": "'mean' or 'last' prompt token."})
+    locator_latent_dim: int = field(default=16, metadata={"help": "Latent size of each task's VAE."})
+    locator_hidden_dim: int = field(default=128, metadata={"help": "Hidden size of each task's VAE."})
+    locator_steps: int = field(default=600, metadata={"help": "Optimisation steps to fit a task's VAE."})
+    locator_lr: float = field(default=1e-3, metadata={"help": "Learning rate of VAE fitting."})
+    locator_batch_size: int = field(default=64, metadata={"help": "Batch size of VAE fitting."})
+    locator_score: str = field(default="elbo", metadata={"help": "'elbo' or 'reconstruction'."})
+    locator_calibration_fraction: float = field(
+        default=0.2, metadata={"help": "Share of a task's features held out to calibrate its scores."}
+    )
+    locator_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of locating."})
+    locator_max_features: int = field(default=4096, metadata={"help": "Features kept per task for fitting."})
+    locator_feature_dim: int | None = field(default=None, metadata={"help": "Set at the first fit (state)."})
     task_records: list[dict[str, Any]] = field(
         default_factory=list, metadata={"help": "The tasks learnt so far and the experts each added (state)."}
     )
@@ -159,6 +190,27 @@ class ContinualMoEConfig(PeftConfig):
                 errors.append(
                     "target_modules=[] adapts nothing: leave it None for the architecture's default."
                 )
+        choices = {
+            "locator_feature_source": ("first_layer_input", "base_last_hidden"),
+            "locator_pooling": ("mean", "last"),
+            "locator_score": ("elbo", "reconstruction"),
+        }
+        for attr, allowed in choices.items():
+            if getattr(self, attr) not in allowed:
+                options = ", ".join(map(repr, allowed))
+                errors.append(f"{attr}={getattr(self, attr)!r}: choose one of {options}.")
+        for attr in ("locator_latent_dim", "locator_hidden_dim", "locator_steps", "locator_batch_size"):
+            if not is_int(getattr(self, attr)) or getattr(self, attr) < 1:
+                errors.append(f"{attr}={getattr(self, attr)!r}: must be an integer >= 1.")
+        if not is_int(self.locator_max_features) or self.locator_max_features < 2:
+            errors.append(f"locator_max_features={self.locator_max_features!r}: must be an integer >= 2.")
+        if not isinstance(self.locator_lr, (int, float)) or self.locator_lr <= 0:
+            errors.append(f"locator_lr={self.locator_lr!r}: must be > 0.")
+        if not isinstance(self.locator_temperature, (int, float)) or self.locator_temperature <= 0:
+            errors.append(f"locator_temperature={self.locator_temperature!r}: must be > 0.")
+        fraction = self.locator_calibration_fraction
+        if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+            errors.append(f"locator_calibration_fraction={fraction!r}: must be in (0, 1).")
         if not isinstance(self.task_records, list):
             errors.append("task_records must be a list (it is written by add_task; leave it empty).")
         else:

@@ -211,8 +211,11 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if self.disable_adapters or self.merged or self.routing.bypass:
             return result
+        if self.routing.feature_hook is not None:  # the first adapted layer to run: locator feature
+            hook, self.routing.feature_hook = self.routing.feature_hook, None
+            hook(x)
         adapter_name = self.active_adapters[0]
         if adapter_name not in self.cmoe_routers or len(self.cmoe_routers[adapter_name]) == 0:
             return result

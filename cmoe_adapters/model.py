@@ -7,13 +7,19 @@ forwards unknown attributes here, so ``model.add_task``, ``model.tasks`` and ``t
 The ``task=`` keyword is consumed before the HF model sees it: a forward pre-hook on the HF model
 takes it out of the forward's keyword arguments, and the HF model's ``generate`` is wrapped (as
 peft itself wraps ``prepare_inputs_for_generation``) because generate rejects unknown keywords.
-During one ``generate`` call the task chosen at the start holds for every decode step.
+During one ``generate`` call the task is resolved (or located) once, at the prefill forward,
+and holds for every decode step.
+
+Task location costs no extra forward pass by default: the first adapted layer that runs pools its
+own input over the prompt tokens (routing has not touched anything yet), the task locator scores
+that feature, and the routing it picks is used by this layer and every later one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +30,20 @@ from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig, validate_task_name
 from .experts import ContinualMoELayer
+from .locator import FeatureBuffer, LocatorFit, TaskLocator
 from .routing import RoutingState
 
 TaskSpec = str | Sequence[str] | None
+_LOCATE = object()  # resolve_task's answer when the locator must pick the task
+_NO_PENDING = object()  # no generate call is waiting for its prefill forward
+
+
+class _FeatureReady(Exception):
+    """Stops a forward pass as soon as the locator's feature is known (`locate_tasks`)."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        super().__init__("locator feature ready")
+        self.features = features
 
 
 class ContinualMoEModel(BaseTuner):
@@ -41,8 +58,34 @@ class ContinualMoEModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: ContinualMoEConfig, adapter_name: str) -> None:
         if "_routing" not in self.__dict__:
             self._routing = RoutingState()
+            self._pending_generate_task: Any = _NO_PENDING
             self._generating = False
+            self._in_base_pass = False
+            self._stop_at_feature = False
+            self._collect_into: FeatureBuffer | None = None
+            self._feature_buffers: dict[str, FeatureBuffer] = {}
+            self.cmoe_locator = nn.ModuleDict()
         self._install_task_keyword(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
+        device = next((p.device for p in model.parameters()), None)
+        self.cmoe_locator[adapter_name] = TaskLocator().to(device)
+        if config.locator_feature_dim is not None:
+            self._add_locator_slots(adapter_name, len(config.task_records))
+
+    def _add_locator_slots(self, adapter_name: str, count: int) -> None:
+        """Unfitted VAE slots for `count` more tasks (once the feature dimension is known)."""
+        config = self.peft_config[adapter_name]
+        for _ in range(count):
+            self.cmoe_locator[adapter_name].add_task(
+                config.locator_feature_dim, config.locator_hidden_dim, config.locator_latent_dim
+            )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.cmoe_locator.pop(adapter_name, None)
 
     def _prepare_adapter_config(
         self, peft_config: ContinualMoEConfig, model_config: dict
@@ -159,6 +202,8 @@ class ContinualMoEModel(BaseTuner):
         for layer in self._layers():
             layer.add_task(adapter_name, config.new_experts_for(task, layer.layer_name))
             layer.set_trainable_task(adapter_name, task)
+        if config.locator_feature_dim is not None:
+            self._add_locator_slots(adapter_name, 1)
 
     # -- routing ----------------------------------------------------------------------------------
 
@@ -167,10 +212,15 @@ class ContinualMoEModel(BaseTuner):
         if task is None:
             if len(self.tasks) <= 1:
                 return 0 if self.tasks else None
-            raise ValueError(
-                f"{len(self.tasks)} tasks are registered ({', '.join(self.tasks)}): pass task='<name>' "
-                "(or a list with one task name per sample) to forward/generate."
-            )
+            fitted = self._locator_fitted()
+            unfitted = [name for name, ok in zip(self.tasks, fitted, strict=True) if not ok]
+            if unfitted:
+                raise ValueError(
+                    f"{len(self.tasks)} tasks are registered and no task was given, but the task locator is "
+                    f"not fitted for {unfitted}: call model.fit_locator(task) after training each task "
+                    "(ContinualMoETrainer does), or pass task='<name>' (or one name per sample)."
+                )
+            return _LOCATE
         if isinstance(task, str):
             return self.task_index(task)
         if isinstance(task, Sequence) and all(isinstance(t, str) for t in task):
@@ -194,33 +244,234 @@ class ContinualMoEModel(BaseTuner):
         return self._config.router_aux_loss_coef * torch.stack(losses).mean()
 
     @staticmethod
-    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    def _batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
         for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 return value.shape[0]
         return None
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        task = kwargs.pop("task", None)
-        if self._generating:  # generate chose the task once for all its steps
-            return args, kwargs
+    @staticmethod
+    def _prompt_mask(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Prompt tokens (image tokens included): attended, and not a label to learn."""
+        mask = kwargs.get("attention_mask")
+        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            prompt = labels == -100
+            mask = prompt if mask is None or mask.shape != prompt.shape else mask & prompt
+        return mask
+
+    def _pool(self, hidden: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
+        """One feature per sample: mean over, or last of, the prompt tokens of ``[B, N, d]``."""
+        hidden = hidden.detach().float()
+        if hidden.dim() != 3:
+            raise RuntimeError(
+                f"The locator feature needs [batch, tokens, features] inputs, got {tuple(hidden.shape)}."
+            )
+        if prompt_mask is None or prompt_mask.shape != hidden.shape[:2]:
+            prompt_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        prompt_mask = prompt_mask.to(hidden.device)
+        # a sample without prompt tokens (plain language-model training) is pooled over all tokens
+        prompt_mask = prompt_mask | ~prompt_mask.any(dim=1, keepdim=True)
+        if self._config.locator_pooling == "last":
+            positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(prompt_mask)
+            last = positions.masked_fill(~prompt_mask, -1).amax(dim=1).clamp_min(0)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = prompt_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _use_features(self, features: torch.Tensor, locate: bool) -> torch.Tensor | None:
+        """Collect and/or locate with the features of this forward pass."""
+        if self._stop_at_feature:
+            raise _FeatureReady(features)
+        if self._collect_into is not None:
+            self._collect_into.add(features)
+        if not locate:
+            return None
+        config = self._config
+        scores = self._locator.calibrated_scores(features, config.locator_score)
+        return scores.argmin(dim=-1)
+
+    def _feature_from_layer_input(
+        self, x: torch.Tensor, prompt_mask: torch.Tensor | None, locate: bool
+    ) -> None:
+        task = self._use_features(self._pool(x, prompt_mask), locate)
+        if task is not None:
+            self._routing.task = task
+
+    def _feature_from_base_pass(self, args: tuple, kwargs: Mapping[str, Any], prompt_mask) -> torch.Tensor:
+        """The frozen base model's last hidden state: one extra forward pass (LLaVA-CMoE's feature)."""
+        skip = {"labels", "past_key_values", "use_cache", "output_hidden_states", "return_dict"}
+        skip.add("logits_to_keep")
+        inputs = {k: v for k, v in kwargs.items() if k not in skip}
+        self._in_base_pass, self._routing.bypass = True, True
+        try:
+            with torch.no_grad():
+                outputs = self.model(
+                    *args, **inputs, output_hidden_states=True, use_cache=False, return_dict=True
+                )
+        finally:
+            self._in_base_pass, self._routing.bypass = False, False
+        return self._pool(outputs.hidden_states[-1], prompt_mask)
+
+    def _begin_forward(self, args: tuple, kwargs: dict, task: TaskSpec) -> None:
+        """Decide the routing of one forward pass (or of one generate call, at its prefill)."""
+        resolved = self.resolve_task(task, self._batch_size(args, kwargs))
         mask = kwargs.get("attention_mask")
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._routing.reset(self.resolve_task(task, self._batch_size(args, kwargs)), token_mask)
+        locate = resolved is _LOCATE
+        hook = None
+        if locate or self._collect_into is not None or self._stop_at_feature:
+            prompt_mask = self._prompt_mask(kwargs)
+            if self._config.locator_feature_source == "base_last_hidden":
+                located = self._use_features(self._feature_from_base_pass(args, kwargs, prompt_mask), locate)
+                resolved = located if locate else resolved
+            else:
+                hook = functools.partial(
+                    self._feature_from_layer_input, prompt_mask=prompt_mask, locate=locate
+                )
+                resolved = None if locate else resolved
+        self._routing.reset(resolved, token_mask, hook)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        task = kwargs.pop("task", None)
+        if self._in_base_pass:
+            return args, kwargs
+        if self._generating:  # one routing decision per generate call, taken at its prefill
+            if self._pending_generate_task is not _NO_PENDING:
+                task, self._pending_generate_task = self._pending_generate_task, _NO_PENDING
+                self._begin_forward(args, kwargs, task)
+            return args, kwargs
+        self._begin_forward(args, kwargs, task)
         return args, kwargs
 
     def _task_aware_generate(self, generate: Any) -> Any:
         @functools.wraps(generate)
         def generate_with_task(*args: Any, task: TaskSpec = None, **kwargs: Any) -> Any:
-            self._routing.reset(self.resolve_task(task, self._batch_size(args, kwargs)))
-            self._generating = True
+            self.resolve_task(task, self._batch_size(args, kwargs))  # fail before generating
+            self._pending_generate_task, self._generating = task, True
             try:
                 return generate(*args, **kwargs)
             finally:
-                self._generating = False
+                self._pending_generate_task, self._generating = _NO_PENDING, False
 
         generate_with_task.__cmoe_wrapped__ = generate
         return generate_with_task
+
+    # -- task locator -----------------------------------------------------------------------------
+
+    @property
+    def _locator(self) -> TaskLocator:
+        return self.cmoe_locator[self.active_adapters[0]]
+
+    def _locator_fitted(self) -> list[bool]:
+        fitted = self._locator.fitted
+        return fitted + [False] * (len(self.tasks) - len(fitted))
+
+    @torch.no_grad()
+    def locator_features(self, *args: Any, **batch: Any) -> torch.Tensor:
+        """The locator's feature ``[batch, d]`` of model inputs, computed only as far as needed.
+
+        With the default feature source the forward pass stops at the first adapted layer.
+        """
+        batch.pop("task", None)
+        self._stop_at_feature = True
+        try:
+            self.model(*args, **batch)
+        except _FeatureReady as ready:
+            return ready.features
+        finally:
+            self._stop_at_feature = False
+            self._routing.reset(None)
+        raise RuntimeError("The forward pass reached no adapted layer, so no locator feature was taken.")
+
+    @torch.no_grad()
+    def task_probabilities(self, *args: Any, **batch: Any) -> torch.Tensor:
+        """``p(task | input)`` as a ``[batch, tasks]`` tensor (columns in `model.tasks` order)."""
+        if len(self.tasks) <= 1:
+            size = self._batch_size(args, batch) or 1
+            return torch.ones(size, len(self.tasks))
+        self.resolve_task(None)  # raises if some task has no fitted locator
+        features = self.locator_features(*args, **batch)
+        config = self._config
+        return self._locator.probabilities(features, config.locator_score, config.locator_temperature)
+
+    def locate_tasks(self, *args: Any, **batch: Any) -> list[str]:
+        """The most likely task of every sample, by name (no labels needed)."""
+        if len(self.tasks) == 1:
+            return self.tasks * (self._batch_size(args, batch) or 1)
+        return [self.tasks[i] for i in self.task_probabilities(*args, **batch).argmax(-1).tolist()]
+
+    @contextlib.contextmanager
+    def collecting_locator_features(self, task: str | None = None) -> Iterator[FeatureBuffer]:
+        """Inside this block every forward pass also stores its locator features for `task`.
+
+        Use it around the training of a task so that its locator is fitted without a second pass
+        over the data. Defaults to the newest task.
+        """
+        name = task if task is not None else self.tasks[-1]
+        self.task_index(name)
+        buffer = self._feature_buffers.get(name)
+        if buffer is None:
+            buffer = FeatureBuffer(self._config.locator_max_features, seed=len(self._feature_buffers))
+            self._feature_buffers[name] = buffer
+        previous, self._collect_into = self._collect_into, buffer
+        try:
+            yield buffer
+        finally:
+            self._collect_into = previous
+
+    def collect_locator_features(
+        self, batches: Iterable[Mapping[str, Any]], task: str | None = None, progress: bool = True
+    ) -> FeatureBuffer:
+        """Collect locator features of `task` from model-input batches (forward stops early)."""
+        from tqdm.auto import tqdm
+
+        with self.collecting_locator_features(task) as buffer:
+            for batch in tqdm(batches, desc="locator features", disable=not progress, leave=False):
+                buffer.add(self.locator_features(**batch))
+        return buffer
+
+    def fit_locator(
+        self, task: str | None = None, features: torch.Tensor | None = None, progress: bool = False
+    ) -> LocatorFit:
+        """Fit the VAE of `task` (default: newest) on its collected (or given) features; freeze it."""
+        name = task if task is not None else self.tasks[-1]
+        index = self.task_index(name)
+        if features is None:
+            buffer = self._feature_buffers.get(name)
+            if buffer is None or len(buffer) == 0:
+                raise ValueError(
+                    f"No locator features were collected for task {name!r}: train it inside "
+                    "model.collecting_locator_features(), call model.collect_locator_features(batches), "
+                    "or pass features=."
+                )
+            features = buffer.tensor()
+        config = self._config
+        if features.dim() != 2:
+            raise ValueError(f"Locator features must be [samples, dim], got {tuple(features.shape)}.")
+        if config.locator_feature_dim is None:
+            config.locator_feature_dim = features.shape[1]
+            self._add_locator_slots(self.active_adapters[0], len(self.tasks))
+        elif features.shape[1] != config.locator_feature_dim:
+            raise ValueError(
+                f"Locator features of task {name!r} have dimension {features.shape[1]}, the locator "
+                f"was built for {config.locator_feature_dim}."
+            )
+        report = self._locator.fit(
+            index,
+            name,
+            features,
+            steps=config.locator_steps,
+            lr=config.locator_lr,
+            batch_size=config.locator_batch_size,
+            calibration_fraction=config.locator_calibration_fraction,
+            score_kind=config.locator_score,
+            seed=index,
+            progress=progress,
+        )
+        self._feature_buffers.pop(name, None)
+        return report
 
     def _install_task_keyword(self, model: nn.Module) -> None:
         if getattr(model, "_cmoe_forward_hook", None) is not None:

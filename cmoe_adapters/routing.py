@@ -8,6 +8,7 @@ one `RoutingState` shared by all layers, so it is set once per forward, not once
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,16 +22,28 @@ class RoutingState:
     ``task`` is either one task index for the whole batch, or a 1-D tensor with one index per
     sample (different samples may belong to different tasks). It stays set after the forward so
     that gradient-checkpointing recomputation and generation decode steps route the same way.
+
+    ``feature_hook``, when set, is called once per forward pass by the first adapted layer that
+    runs, with that layer's input: the task locator's feature is taken there, and the hook may set
+    ``task`` before any layer routes. ``bypass`` makes every adapted layer act as its base layer.
     """
 
     task: int | torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     collect_aux_loss: bool = True
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    feature_hook: Callable[[torch.Tensor], None] | None = None
+    bypass: bool = False
 
-    def reset(self, task: int | torch.Tensor | None, token_mask: torch.Tensor | None = None) -> None:
+    def reset(
+        self,
+        task: int | torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
+        feature_hook: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         self.task = task
         self.token_mask = token_mask
+        self.feature_hook = feature_hook
         self.aux_losses.clear()
 
 

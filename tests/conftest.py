@@ -40,5 +40,5 @@ def randomize_experts(model: torch.nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "cmoe_" in name:
+            if "cmoe_experts" in name or "cmoe_routers" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)

@@ -1,0 +1,232 @@
+"""The probabilistic task locator: one small VAE per task picks each sample's task at inference.
+
+LLaVA-CMoE fits a VAE on a feature of each task's inputs and, when the task is unknown, uses the
+router of the task whose VAE explains the input best. Two weak points are addressed here:
+
+* **Fair comparison across tasks.** Each VAE standardises the feature with its own task's
+  statistics, and its score (negative ELBO, or reconstruction error) is z-normalised with the
+  scores of its own *held-out* training samples. Scores of tasks with different feature scales
+  become comparable, and they turn into probabilities with a softmax.
+* **Cost.** All VAEs are scored together with batched matrix products (stacked weights), so
+  locating is a handful of small kernels whatever the number of tasks, and the feature itself is
+  taken inside the forward pass the model does anyway (see `model.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_VAE_LINEARS = ("encoder.0", "encoder.2", "decoder.0", "decoder.2")
+
+
+class TaskVAE(nn.Module):
+    """A 2-layer MLP VAE over one task's features, with that task's calibration statistics."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 2 * latent_dim)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, feature_dim)
+        )
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def training_loss(self, features: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO per feature dimension with one reparameterised sample (for fitting)."""
+        x = (features - self.feature_mean) / self.feature_std
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        reconstruction = F.mse_loss(self.decoder(z), x, reduction="none").mean(-1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
+        return (reconstruction + kl).mean()
+
+
+def stack_vaes(vaes: list[TaskVAE]) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of several VAEs stacked along a new leading task dimension."""
+    stacked = {}
+    for name in _VAE_LINEARS:
+        linears = [vae.get_submodule(name) for vae in vaes]
+        stacked[f"{name}.weight"] = torch.stack([linear.weight for linear in linears])
+        stacked[f"{name}.bias"] = torch.stack([linear.bias for linear in linears])
+    for name in ("feature_mean", "feature_std", "score_mean", "score_std", "fitted"):
+        stacked[name] = torch.stack([getattr(vae, name) for vae in vaes])
+    return stacked
+
+
+def raw_scores(stacked: dict[str, torch.Tensor], features: torch.Tensor, kind: str) -> torch.Tensor:
+    """Uncalibrated scores ``[tasks, batch]`` (lower = more typical) of all stacked VAEs at once.
+
+    The latent is the posterior mean, so scores are deterministic.
+    """
+
+    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = stacked[f"{name}.weight"], stacked[f"{name}.bias"]
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    x = (features.unsqueeze(0) - stacked["feature_mean"].unsqueeze(1)) / stacked["feature_std"].unsqueeze(1)
+    mu, logvar = linear("encoder.2", F.silu(linear("encoder.0", x))).chunk(2, dim=-1)
+    reconstruction = linear("decoder.2", F.silu(linear("decoder.0", mu)))
+    score = (reconstruction - x).pow(2).mean(-1)
+    if kind == "elbo":
+        score = score - 0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
+    return score
+
+
+@dataclass
+class LocatorFit:
+    """What fitting one task's VAE did (for logs and the task's results)."""
+
+    task: str
+    train_samples: int
+    calibration_samples: int
+    final_loss: float
+    score_mean: float
+    score_std: float
+
+
+class TaskLocator(nn.Module):
+    """The VAEs of all tasks of one adapter, in task order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vaes = nn.ModuleList()
+        self._stacked_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vaes)
+
+    def add_task(self, feature_dim: int, hidden_dim: int, latent_dim: int) -> None:
+        """A (not yet fitted) VAE slot for the next task."""
+        reference = next(self.parameters(), None)
+        vae = TaskVAE(feature_dim, hidden_dim, latent_dim).requires_grad_(False)
+        if reference is not None:
+            vae.to(reference.device)
+        self.vaes.append(vae)
+
+    @property
+    def fitted(self) -> list[bool]:
+        return [bool(vae.fitted) for vae in self.vaes]
+
+    def fit(
+        self,
+        task: int,
+        task_name: str,
+        features: torch.Tensor,
+        *,
+        steps: int,
+        lr: float,
+        batch_size: int,
+        calibration_fraction: float,
+        score_kind: str,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> LocatorFit:
+        """Fit the VAE of `task` on its features, then calibrate its scores on held-out ones."""
+        from tqdm.auto import tqdm
+
+        vae = self.vaes[task]
+        device = vae.feature_mean.device
+        features = features.detach().to(device=device, dtype=torch.float32)
+        if features.shape[0] < 4:
+            raise ValueError(
+                f"Task {task_name!r} has {features.shape[0]} locator features; at least 4 are needed."
+            )
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(features.shape[0], generator=generator).to(device)
+        held_out = max(2, round(features.shape[0] * calibration_fraction))
+        calibration, train = features[order[:held_out]], features[order[held_out:]]
+
+        with torch.no_grad():
+            vae.feature_mean.copy_(train.mean(0))
+            vae.feature_std.copy_(train.std(0, unbiased=False).clamp_min(1e-4 + 1e-2 * train.std().item()))
+        vae.requires_grad_(True).train()
+        optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # reparameterisation noise: same fit on every process
+        loss = torch.zeros(())
+        try:
+            for _ in tqdm(range(steps), desc=f"locator {task_name}", disable=not progress, leave=False):
+                index = torch.randint(train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
+                loss = vae.training_loss(train[index.to(device)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            torch.random.set_rng_state(torch_state)
+            vae.requires_grad_(False).eval()
+
+        with torch.no_grad():
+            scores = raw_scores(stack_vaes([vae]), calibration, score_kind)[0]
+            vae.score_mean.copy_(scores.mean())
+            vae.score_std.copy_(scores.std(unbiased=False).clamp_min(1e-6 + 1e-3 * scores.mean().abs()))
+            vae.fitted.fill_(True)
+        self._stacked_cache = None
+        return LocatorFit(
+            task=task_name,
+            train_samples=train.shape[0],
+            calibration_samples=held_out,
+            final_loss=float(loss.detach()),
+            score_mean=float(vae.score_mean),
+            score_std=float(vae.score_std),
+        )
+
+    def _stacked(self) -> dict[str, torch.Tensor]:
+        tensors = [t for vae in self.vaes for t in (*vae.parameters(), *vae.buffers())]
+        key = tuple((id(t), t._version, t.device) for t in tensors)
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            with torch.no_grad():
+                self._stacked_cache = (key, stack_vaes(list(self.vaes)))
+        return self._stacked_cache[1]
+
+    @torch.no_grad()
+    def calibrated_scores(self, features: torch.Tensor, score_kind: str) -> torch.Tensor:
+        """z-normalised scores ``[batch, tasks]``; tasks without a fitted VAE score +inf."""
+        stacked = self._stacked()
+        features = features.to(device=stacked["feature_mean"].device, dtype=torch.float32)
+        scores = raw_scores(stacked, features, score_kind)
+        scores = (scores - stacked["score_mean"].unsqueeze(1)) / stacked["score_std"].unsqueeze(1)
+        scores = scores.masked_fill(~stacked["fitted"].unsqueeze(1), math.inf)
+        return scores.transpose(0, 1)
+
+    def probabilities(self, features: torch.Tensor, score_kind: str, temperature: float) -> torch.Tensor:
+        """``p(task | feature)`` as ``[batch, tasks]``: softmax of the negated calibrated scores."""
+        return torch.softmax(-self.calibrated_scores(features, score_kind) / temperature, dim=-1)
+
+
+class FeatureBuffer:
+    """A uniform sample (reservoir) of at most `capacity` feature vectors seen during training."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self._rows: list[torch.Tensor] = []
+        self._random = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, features: torch.Tensor) -> None:
+        for row in features.detach().to("cpu", torch.float32):
+            self.seen += 1
+            if len(self._rows) < self.capacity:
+                self._rows.append(row)
+            else:
+                slot = self._random.randrange(self.seen)
+                if slot < self.capacity:
+                    self._rows[slot] = row
+
+    def tensor(self) -> torch.Tensor:
+        if not self._rows:
+            raise ValueError("No locator features were collected.")
+        return torch.stack(self._rows)
