@@ -1,0 +1,87 @@
+"""Continual-learning metrics over an accuracy matrix, and the task locator's confusion matrix.
+
+``acc[i][j]`` is the score on task ``j`` after training task ``i`` (``j <= i``: rows are ragged,
+row ``i`` has ``i + 1`` entries). An entry may be ``None`` when a task has no evaluation set; such
+entries are left out of every average rather than counted as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import mean
+
+AccuracyMatrix = Sequence[Sequence[float | None]]
+
+
+def _check(acc: AccuracyMatrix) -> None:
+    if not acc:
+        raise ValueError("The accuracy matrix is empty: no task has been trained yet.")
+    for i, row in enumerate(acc):
+        if len(row) < i + 1:
+            raise ValueError(f"Row {i} of the accuracy matrix has {len(row)} entries; it needs {i + 1}.")
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return mean(present) if present else None
+
+
+def final_average(acc: AccuracyMatrix) -> float | None:
+    """Mean score over all tasks after the last one ("Last", MFN)."""
+    _check(acc)
+    return _mean(acc[-1][: len(acc)])
+
+
+def mean_average_accuracy(acc: AccuracyMatrix) -> float | None:
+    """MAA: the mean over training steps ``i`` of the average score on the tasks seen so far."""
+    _check(acc)
+    return _mean([_mean(row[: i + 1]) for i, row in enumerate(acc)])
+
+
+def backward_transfer(acc: AccuracyMatrix) -> float | None:
+    """BWT: mean over earlier tasks ``j`` of ``acc[T][j] - acc[j][j]`` (negative = forgetting).
+
+    0.0 with a single task (nothing can be forgotten yet).
+    """
+    _check(acc)
+    last = len(acc) - 1
+    if last == 0:
+        return 0.0
+    return _mean(
+        [None if acc[last][j] is None or acc[j][j] is None else acc[last][j] - acc[j][j] for j in range(last)]
+    )
+
+
+def forgetting(acc: AccuracyMatrix) -> float | None:
+    """Average forgetting: mean over earlier tasks of (best score before the last task - final score)."""
+    _check(acc)
+    last = len(acc) - 1
+    if last == 0:
+        return 0.0
+    drops = []
+    for j in range(last):
+        earlier = [acc[i][j] for i in range(j, last) if acc[i][j] is not None]
+        drops.append(None if not earlier or acc[last][j] is None else max(earlier) - acc[last][j])
+    return _mean(drops)
+
+
+def confusion_matrix(
+    true_tasks: Sequence[str], located_tasks: Sequence[str], tasks: Sequence[str]
+) -> list[list[int]]:
+    """``counts[i][j]``: samples of task ``tasks[i]`` that the locator sent to ``tasks[j]``."""
+    if len(true_tasks) != len(located_tasks):
+        raise ValueError(f"{len(true_tasks)} true tasks but {len(located_tasks)} located ones.")
+    index = {name: i for i, name in enumerate(tasks)}
+    counts = [[0] * len(tasks) for _ in tasks]
+    for true, located in zip(true_tasks, located_tasks, strict=True):
+        for name in (true, located):
+            if name not in index:
+                raise KeyError(f"Unknown task {name!r}; known tasks: {list(tasks)}.")
+        counts[index[true]][index[located]] += 1
+    return counts
+
+
+def locator_accuracy(counts: Sequence[Sequence[int]]) -> float | None:
+    """Share of samples located to their own task (the confusion matrix's trace over its total)."""
+    total = sum(map(sum, counts))
+    return sum(counts[i][i] for i in range(len(counts))) / total if total else None
