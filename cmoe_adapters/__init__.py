@@ -8,6 +8,8 @@ from ._peft import CONTINUAL_MOE, register_with_peft
 from .config import ContinualMoEConfig
 from .experts import ContinualMoELayer
 from .model import ContinualMoEModel
+from .results import ContinualResult
+from .trainer import ContinualMoETrainer, ContinualTrainingArguments, Task
 
 __version__ = "0.1.0.dev0"
 
@@ -18,5 +20,9 @@ __all__ = [
     "ContinualMoEConfig",
     "ContinualMoELayer",
     "ContinualMoEModel",
+    "ContinualMoETrainer",
+    "ContinualResult",
+    "ContinualTrainingArguments",
+    "Task",
     "__version__",
 ]

@@ -230,3 +230,15 @@ class FeatureBuffer:
         if not self._rows:
             raise ValueError("No locator features were collected.")
         return torch.stack(self._rows)
+
+    def random_state(self) -> list:
+        """The sampler's state as JSON-friendly lists (saved with Trainer checkpoints)."""
+        version, state, gauss = self._random.getstate()
+        return [version, list(state), gauss]
+
+    def restore(self, rows: torch.Tensor, seen: int, random_state: list) -> None:
+        """Continue from a checkpoint: the kept rows, how many were seen, the sampler's state."""
+        self._rows = list(rows.to(torch.float32))
+        self.seen = seen
+        version, state, gauss = random_state
+        self._random.setstate((version, tuple(state), gauss))

@@ -64,6 +64,7 @@ class ContinualMoEModel(BaseTuner):
             self._stop_at_feature = False
             self._collect_into: FeatureBuffer | None = None
             self._feature_buffers: dict[str, FeatureBuffer] = {}
+            self._default_task: str | None = None
             self.cmoe_locator = nn.ModuleDict()
         self._install_task_keyword(model)
 
@@ -188,16 +189,20 @@ class ContinualMoEModel(BaseTuner):
         afterwards. Create the optimizer after calling this.
         """
         validate_task_name(name)
-        config = self._config
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists. Known tasks: {self.tasks}.")
-        if config.inference_mode:
+        if self._config.inference_mode:
             raise ValueError(
                 "This adapter was loaded for inference; load it with PeftModel.from_pretrained(..., "
                 "is_trainable=True) to add tasks."
             )
+        self._grow({"name": name})
+
+    def _grow(self, record: dict[str, Any]) -> None:
+        """Append a task record and build what it adds in every layer (and its locator slot)."""
         adapter_name = self.active_adapters[0]
-        config.task_records.append({"name": name})
+        config = self._config
+        config.task_records.append(record)
         task = len(config.task_records) - 1
         for layer in self._layers():
             layer.add_task(adapter_name, config.new_experts_for(task, layer.layer_name))
@@ -205,10 +210,42 @@ class ContinualMoEModel(BaseTuner):
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, 1)
 
+    def replay_tasks(self, saved: ContinualMoEConfig) -> None:
+        """Grow this model to the task structure of a saved config whose tasks extend ours.
+
+        Used to resume: the weights can then be loaded with ``PeftModel.load_adapter``.
+        """
+        saved_names = saved.task_names
+        if saved_names[: len(self.tasks)] != self.tasks:
+            raise ValueError(
+                f"The saved tasks {saved_names} do not continue this model's tasks {self.tasks}."
+            )
+        config = self._config
+        if saved.locator_feature_dim is not None and config.locator_feature_dim is None:
+            config.locator_feature_dim = saved.locator_feature_dim
+            self._add_locator_slots(self.active_adapters[0], len(self.tasks))
+        for record in saved.task_records[len(self.tasks) :]:
+            self._grow(dict(record))
+
+    @contextlib.contextmanager
+    def using_task(self, name: str) -> Iterator[None]:
+        """Route every forward/generate that gives no ``task=`` through task `name` (not located).
+
+        The trainer trains each task inside this block; it also gives oracle-task evaluation.
+        """
+        self.task_index(name)
+        previous, self._default_task = self._default_task, name
+        try:
+            yield
+        finally:
+            self._default_task = previous
+
     # -- routing ----------------------------------------------------------------------------------
 
     def resolve_task(self, task: TaskSpec, batch_size: int | None = None) -> int | torch.Tensor | None:
         """Turn ``task=`` (a name, or one name per sample) into what the layers route with."""
+        if task is None and self._default_task is not None:
+            task = self._default_task
         if task is None:
             if len(self.tasks) <= 1:
                 return 0 if self.tasks else None

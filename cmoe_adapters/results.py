@@ -1,0 +1,145 @@
+"""`ContinualResult`: the accuracy matrix of a task stream and everything derived from it.
+
+It is written after every task (``results.json``, a Markdown table, and a PNG heatmap when
+matplotlib is installed), and read back to resume a stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import metrics
+
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+RESULTS_PNG = "results.png"
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half of it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+        temporary = handle.name
+    os.replace(temporary, path)
+
+
+@dataclass
+class ContinualResult:
+    """Scores of a continual run: ``accuracy_matrix[i][j]`` is task j's score after task i."""
+
+    tasks: list[str] = field(default_factory=list)
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
+    oracle_accuracy_matrix: list[list[float | None]] | None = None
+    locator_confusion: list[list[int]] | None = None
+    task_logs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_average(self) -> float | None:
+        return metrics.final_average(self.accuracy_matrix) if self.accuracy_matrix else None
+
+    @property
+    def mean_average_accuracy(self) -> float | None:
+        return metrics.mean_average_accuracy(self.accuracy_matrix) if self.accuracy_matrix else None
+
+    @property
+    def bwt(self) -> float | None:
+        return metrics.backward_transfer(self.accuracy_matrix) if self.accuracy_matrix else None
+
+    @property
+    def forgetting(self) -> float | None:
+        return metrics.forgetting(self.accuracy_matrix) if self.accuracy_matrix else None
+
+    @property
+    def locator_accuracy(self) -> float | None:
+        return metrics.locator_accuracy(self.locator_confusion) if self.locator_confusion else None
+
+    @property
+    def oracle_final_average(self) -> float | None:
+        if not self.oracle_accuracy_matrix:
+            return None
+        return metrics.final_average(self.oracle_accuracy_matrix)
+
+    def summary(self) -> dict[str, float | None]:
+        return {
+            "final_average": self.final_average,
+            "mean_average_accuracy": self.mean_average_accuracy,
+            "bwt": self.bwt,
+            "forgetting": self.forgetting,
+            "locator_accuracy": self.locator_accuracy,
+            "oracle_final_average": self.oracle_final_average,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.summary()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContinualResult:
+        names = {"tasks", "accuracy_matrix", "oracle_accuracy_matrix", "locator_confusion", "task_logs"}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    @classmethod
+    def load(cls, path: str) -> ContinualResult:
+        """Read ``results.json`` from a file or an output directory."""
+        if os.path.isdir(path):
+            path = os.path.join(path, RESULTS_JSON)
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    def markdown(self) -> str:
+        """The accuracy matrix and the summary as Markdown tables."""
+
+        def cell(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.1f}"
+
+        lines = ["| after \\ on | " + " | ".join(self.tasks) + " |", "|---" * (len(self.tasks) + 1) + "|"]
+        for name, row in zip(self.tasks, self.accuracy_matrix, strict=True):
+            cells = [cell(row[j]) if j < len(row) else "" for j in range(len(self.tasks))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| metric | value |", "|---|---|"]
+        for key, value in self.summary().items():
+            if value is not None:
+                lines.append(f"| {key} | {100 * value:.1f} |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, output_dir: str) -> None:
+        """Write ``results.json``, ``results.md`` and, with matplotlib installed, ``results.png``."""
+        write_atomically(os.path.join(output_dir, RESULTS_JSON), json.dumps(self.to_dict(), indent=2))
+        write_atomically(os.path.join(output_dir, RESULTS_MARKDOWN), self.markdown())
+        self.save_heatmap(os.path.join(output_dir, RESULTS_PNG))
+
+    def save_heatmap(self, path: str, title: str = "accuracy after each task") -> bool:
+        """A PNG heatmap of the accuracy matrix; returns False when matplotlib is not installed."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        size = len(self.tasks)
+        grid = [[float("nan")] * size for _ in range(size)]
+        for i, row in enumerate(self.accuracy_matrix):
+            for j, value in enumerate(row):
+                grid[i][j] = float("nan") if value is None else 100 * value
+        figure, axes = plt.subplots(figsize=(1.2 * size + 2, 1.0 * size + 1.5))
+        image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+        axes.set_xticks(range(size), self.tasks, rotation=45, ha="right")
+        axes.set_yticks(range(size), self.tasks)
+        axes.set_xlabel("evaluated on")
+        axes.set_ylabel("after training")
+        axes.set_title(title)
+        for i in range(size):
+            for j in range(size):
+                if grid[i][j] == grid[i][j]:  # not NaN
+                    axes.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", color="white")
+        figure.colorbar(image, ax=axes)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return True

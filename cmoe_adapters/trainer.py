@@ -1,0 +1,443 @@
+"""`ContinualMoETrainer`: transformers' Trainer, one task after another.
+
+For every task: add it to the model (its router and experts; everything older is frozen), train
+only its parameters with a fresh optimizer and scheduler (the Trainer's own loop: mixed precision,
+gradient accumulation, checkpointing, logging and accelerate all work as usual), fit its task
+locator on features collected during that same training, evaluate every task seen so far with
+the task *located* (and optionally with the true task), and save the state atomically to
+``output_dir/<task>``. A crashed stream resumes: finished tasks are restored from their saves,
+the interrupted task from its last Trainer checkpoint.
+
+The same trainer also runs a plain peft model (e.g. one shared LoRA trained sequentially), which
+is the forgetting baseline to compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .config import validate_task_name
+from .evaluation import exact_match_accuracy
+from .locator import FeatureBuffer
+from .metrics import confusion_matrix
+from .model import ContinualMoEModel
+from .results import ContinualResult
+
+CHECKPOINTS_DIR = "checkpoints"
+LOCATOR_FEATURES = "locator_features"
+
+
+@dataclass
+class ContinualTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the continual settings. Every Trainer argument applies per task.
+
+    Args:
+        eval_oracle: also evaluate every seen task with its true task id, which shows how much
+            accuracy the task locator costs (the "locator gap").
+        eval_max_new_tokens: tokens generated per answer by the default evaluator.
+        eval_batch_size: batch size of the default evaluator and of locating eval sets
+            (default: ``per_device_eval_batch_size``).
+        remove_unused_columns: False by default, because records carry images and raw text that
+            the data collator (not the model's forward) consumes.
+    """
+
+    eval_oracle: bool = field(default=False, metadata={"help": "Also evaluate with the true task ids."})
+    eval_max_new_tokens: int = field(
+        default=16, metadata={"help": "Max new tokens of the default evaluator."}
+    )
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of evaluation."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep raw columns (images, text) for the data collator."}
+    )
+
+
+@dataclass
+class Task:
+    """One task of the stream.
+
+    ``evaluate(model, eval_dataset) -> float in [0, 1]`` scores the model, which is in eval mode
+    with *no task given* (it must locate). Without it, the default evaluator generates greedily
+    and scores normalised exact match on records ``{"image", "question", "answer"}``.
+    """
+
+    name: str
+    train_dataset: Any
+    eval_dataset: Any = None
+    evaluate: Callable[[Any, Any], float] | None = None
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    """`value` from every process, in rank order (just ``[value]`` without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _gather_rows(features: torch.Tensor) -> torch.Tensor:
+    """All processes' locator features, concatenated in rank order (identical on every rank)."""
+    return torch.cat(_gather_objects(features.cpu()))
+
+
+class ContinualMoETrainer(Trainer):
+    """Trains a `ContinualMoEConfig` model (or a plain peft model, as a baseline) task by task.
+
+    Use it like `transformers.Trainer`, without `train_dataset`; then call `train_tasks` with the
+    whole stream, or `train_task` one task at a time (e.g. as tasks arrive over weeks).
+    """
+
+    def __init__(self, model: PeftModel | None = None, args: TrainingArguments | None = None, **kwargs: Any):
+        if args is None:
+            args = ContinualTrainingArguments(output_dir="cmoe_output")
+        if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].inference_mode:
+            raise ValueError(
+                "The model was loaded for inference: load it with is_trainable=True to train it."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self.continual_output_dir = args.output_dir
+        self.result = ContinualResult()
+        self._seen: dict[str, Task] = {}
+        self._aux_loss_sum = 0.0
+        self._aux_loss_count = 0
+
+    # -- the model ------------------------------------------------------------------------------
+
+    @property
+    def continual_model(self) -> ContinualMoEModel | None:
+        """The continual-MoE tuner inside the model, or None for a plain peft model (baseline)."""
+        base = getattr(self.model, "base_model", None)
+        return base if isinstance(base, ContinualMoEModel) else None
+
+    def _routing(self, name: str) -> contextlib.AbstractContextManager:
+        cmoe = self.continual_model
+        return cmoe.using_task(name) if cmoe is not None else contextlib.nullcontext()
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    def train_tasks(
+        self, tasks: Iterable[Task], resume_from_checkpoint: bool | None = None
+    ) -> ContinualResult:
+        """Train every task in order; returns (and keeps updating) `self.result`.
+
+        With ``resume_from_checkpoint=True`` (or ``args.resume_from_checkpoint``), tasks already
+        finished in ``output_dir`` are restored instead of trained again, and an interrupted task
+        continues from its last checkpoint.
+        """
+        from tqdm.auto import tqdm
+
+        tasks = list(tasks)
+        resume = (
+            self.args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        )
+        if resume:
+            self._restore_finished(tasks)
+        self._validate([task for task in tasks if task.name not in self.result.tasks])
+        progress = tqdm(
+            total=len(tasks),
+            initial=len(self.result.tasks),
+            desc="tasks",
+            unit="task",
+            disable=self.args.disable_tqdm or not self.is_world_process_zero(),
+        )
+        with progress:
+            for task in tasks:
+                if task.name in self.result.tasks:
+                    self._seen.setdefault(task.name, task)
+                    continue
+                progress.set_postfix_str(task.name)
+                self.train_task(task, resume_from_checkpoint=bool(resume))
+                progress.update()
+        return self.result
+
+    def train_task(self, task: Task, resume_from_checkpoint: bool = False) -> ContinualResult:
+        """Add, train, locate, evaluate and save one task (see the module docstring)."""
+        self._validate([task])
+        cmoe = self.continual_model
+        if cmoe is not None and task.name not in cmoe.tasks:
+            cmoe.add_task(task.name)
+        self._seen[task.name] = task
+        self.train_dataset = task.train_dataset
+        self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer over this task's parameters
+        # and a fresh DDP/FSDP/DeepSpeed wrapper: an old one does not know the new task's parameters
+        self.model_wrapped = self.model
+
+        task_dir = os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, task.name)
+        checkpoint = (
+            get_last_checkpoint(task_dir) if resume_from_checkpoint and os.path.isdir(task_dir) else None
+        )
+        collecting = (
+            cmoe.collecting_locator_features(task.name) if cmoe is not None else contextlib.nullcontext()
+        )
+        self.args.output_dir = task_dir
+        try:
+            with self._routing(task.name), collecting as buffer:
+                if checkpoint is not None and buffer is not None:
+                    self._load_feature_buffer(checkpoint, buffer)
+                output = super().train(resume_from_checkpoint=checkpoint)
+        finally:
+            self.args.output_dir = self.continual_output_dir
+        log: dict[str, Any] = {"task": task.name, "train_loss": output.training_loss, **output.metrics}
+
+        if cmoe is not None:
+            features = _gather_rows(buffer.tensor())
+            fit = cmoe.fit_locator(task.name, features=features, progress=not self.args.disable_tqdm)
+            log["locator"] = vars(fit)
+        self._finish_task(task, log)
+        return self.result
+
+    def _finish_task(self, task: Task, log: dict[str, Any]) -> None:
+        row, oracle_row, confusion = self._evaluate_seen()
+        result = self.result
+        result.tasks.append(task.name)
+        result.accuracy_matrix.append(row)
+        if oracle_row is not None:
+            result.oracle_accuracy_matrix = [*(result.oracle_accuracy_matrix or []), oracle_row]
+        result.locator_confusion = confusion
+        result.task_logs.append(log)
+        self._save_task(task.name)
+        metrics = {f"continual/acc/{name}": value for name, value in zip(result.tasks, row, strict=False)}
+        metrics.update({f"continual/{k}": v for k, v in result.summary().items() if v is not None})
+        self.log({k: v for k, v in metrics.items() if v is not None})
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _eval_batch_size(self) -> int:
+        return self.args.eval_batch_size or self.args.per_device_eval_batch_size
+
+    def _score(self, task: Task) -> float:
+        if task.evaluate is not None:
+            return float(task.evaluate(self.model, task.eval_dataset))
+        args = self.args
+        return exact_match_accuracy(
+            self.model,
+            task.eval_dataset,
+            self.data_collator,
+            self._decode,
+            batch_size=self._eval_batch_size(),
+            max_new_tokens=getattr(args, "eval_max_new_tokens", 16),
+        )
+
+    def _decode(self, tokens: torch.Tensor) -> list[str]:
+        return self.processing_class.batch_decode(tokens, skip_special_tokens=True)
+
+    def _located(self, task: Task) -> list[str]:
+        """The locator's task for every sample of the task's eval set."""
+        cmoe = self.continual_model
+        dataset, size = task.eval_dataset, self._eval_batch_size()
+        located: list[str] = []
+        for start in range(0, len(dataset), size):
+            records = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+            inputs = self._prepare_inputs(self.data_collator(records))
+            located.extend(cmoe.locate_tasks(**inputs))
+        return located
+
+    @torch.no_grad()
+    def _evaluate_seen(self) -> tuple[list[float | None], list[float | None] | None, list[list[int]] | None]:
+        """Score every seen task (task located; and true task with ``eval_oracle``)."""
+        cmoe = self.continual_model
+        oracle = getattr(self.args, "eval_oracle", False) and cmoe is not None
+        was_training = self.model.training
+        self.model.eval()
+        row: list[float | None] = []
+        oracle_row: list[float | None] | None = [] if oracle else None
+        truth: list[str] = []
+        predicted: list[str] = []
+        try:
+            for task in self._seen.values():
+                if task.eval_dataset is None:
+                    row.append(None)
+                    if oracle_row is not None:
+                        oracle_row.append(None)
+                    continue
+                row.append(self._score(task))
+                if oracle_row is not None:
+                    with cmoe.using_task(task.name):
+                        oracle_row.append(self._score(task))
+                if cmoe is not None:
+                    located = self._located(task)
+                    truth += [task.name] * len(located)
+                    predicted += located
+        finally:
+            self.model.train(was_training)
+        confusion = confusion_matrix(truth, predicted, list(self._seen)) if cmoe is not None else None
+        return row, oracle_row, confusion
+
+    # -- saving and resuming --------------------------------------------------------------------
+
+    def _save_task(self, name: str) -> None:
+        """``output_dir/<task>`` gets the adapter after this task; results.json the matrix so far."""
+        if self.args.should_save:
+            root = self.continual_output_dir
+            final = os.path.join(root, name)
+            staging = os.path.join(root, f".{name}.saving")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.model.save_pretrained(staging)
+            if os.path.exists(final):
+                retired = os.path.join(root, f".{name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(final, retired)
+                os.replace(staging, final)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, final)
+            self.result.save(root)
+        self.accelerator.wait_for_everyone()
+
+    def _restore_finished(self, tasks: Sequence[Task]) -> None:
+        """Bring back every finished task (weights, routers, locators, results) from output_dir."""
+        root = self.continual_output_dir
+        if not os.path.exists(os.path.join(root, "results.json")):
+            return
+        saved = ContinualResult.load(root)
+        names = [task.name for task in tasks]
+        if saved.tasks != names[: len(saved.tasks)]:
+            raise ValueError(
+                f"{root} holds the results of tasks {saved.tasks}, which do not start the stream {names}: "
+                "use another output_dir or the same task order."
+            )
+        if not saved.tasks:
+            return
+        last = os.path.join(root, saved.tasks[-1])
+        cmoe = self.continual_model
+        if cmoe is not None:
+            cmoe.replay_tasks(PeftConfig.from_pretrained(last))
+        self.model.load_adapter(last, adapter_name=self.model.active_adapter, is_trainable=True)
+        self.result = saved
+        by_name = {task.name: task for task in tasks}
+        self._seen = {name: by_name[name] for name in saved.tasks}
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, plus every process's locator features (written by rank 0)."""
+        super()._save_checkpoint(model, trial)
+        cmoe = self.continual_model
+        buffer = cmoe._collect_into if cmoe is not None else None
+        if buffer is None:
+            return
+        state = None if len(buffer) == 0 else (buffer.tensor(), buffer.seen, buffer.random_state())
+        states = _gather_objects(state)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        kept = {rank: entry for rank, entry in enumerate(states) if entry is not None}
+        save_file(
+            {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()},
+            os.path.join(folder, f"{LOCATOR_FEATURES}.safetensors"),
+        )
+        meta = {
+            f"rank{rank}": {"seen": seen, "random_state": random} for rank, (_, seen, random) in kept.items()
+        }
+        with open(os.path.join(folder, f"{LOCATOR_FEATURES}.json"), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle)
+
+    def _load_feature_buffer(self, checkpoint: str, buffer: FeatureBuffer) -> None:
+        stem = os.path.join(checkpoint, LOCATOR_FEATURES)
+        key = f"rank{self.args.process_index}"
+        if not os.path.exists(f"{stem}.json"):
+            return
+        with open(f"{stem}.json", encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if key in meta:
+            rows = load_file(f"{stem}.safetensors")[key]
+            buffer.restore(rows, meta[key]["seen"], meta[key]["random_state"])
+
+    # -- loss and logs --------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss plus the routers' balancing loss, scaled like the task loss for GA."""
+        output = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        cmoe = self.continual_model
+        aux = cmoe.router_aux_loss() if cmoe is not None and model.training else None
+        if aux is None:
+            return output
+        if self.loss_is_scaled_for_ga is not None:
+            scaled_for_ga = self.loss_is_scaled_for_ga
+        else:
+            scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if scaled_for_ga:  # the Trainer will not divide by the accumulation steps: do it for aux
+            aux = aux / getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+        self._aux_loss_sum += float(aux.detach())
+        self._aux_loss_count += 1
+        if return_outputs:
+            loss, outputs = output
+            return loss + aux.to(loss.dtype), outputs
+        return output + aux.to(output.dtype)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._aux_loss_count:
+            logs["router_aux_loss"] = round(self._aux_loss_sum / self._aux_loss_count, 6)
+            self._aux_loss_sum, self._aux_loss_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    def _validate(self, tasks: Sequence[Task]) -> None:
+        """Refuse a stream that would fail later, before any training starts."""
+        names = [task.name for task in tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"Duplicate task names in the stream: {duplicates}.")
+        cmoe = self.continual_model
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise TypeError(f"Expected cmoe_adapters.Task objects, got {type(task).__name__}.")
+            validate_task_name(task.name)
+            if task.name in self.result.tasks or (cmoe is not None and task.name in cmoe.tasks[:-1]):
+                raise ValueError(f"Task {task.name!r} was already trained; task names must be unique.")
+            self._check_dataset(task, "train_dataset", task.train_dataset)
+            if task.eval_dataset is None:
+                warnings.warn(
+                    f"Task {task.name!r} has no eval_dataset: its column of the accuracy matrix stays empty.",
+                    stacklevel=3,
+                )
+                continue
+            self._check_dataset(task, "eval_dataset", task.eval_dataset)
+            if task.evaluate is None and not (
+                hasattr(self.data_collator, "generation_inputs")
+                and hasattr(self.processing_class, "batch_decode")
+            ):
+                raise ValueError(
+                    f"Task {task.name!r} has no evaluate= function, and the default evaluator needs a "
+                    "data_collator with generation_inputs() (e.g. cmoe_adapters.data.VisionLanguageCollator) "
+                    "and a processing_class that can batch_decode."
+                )
+
+    def _check_dataset(self, task: Task, kind: str, dataset: Any) -> None:
+        try:
+            size = len(dataset)
+        except TypeError:
+            raise TypeError(f"Task {task.name!r}: {kind} must be a sized data set (len() works).") from None
+        if size == 0:
+            raise ValueError(f"Task {task.name!r}: {kind} is empty.")
+        config = getattr(self.model, "config", None)
+        if getattr(config, "vision_config", None) is None:
+            return
+        for index in range(min(size, 256)):
+            record = dataset[index]
+            is_vqa_record = isinstance(record, Mapping) and (
+                "question" in record or "conversations" in record
+            )
+            if is_vqa_record and record.get("image") is None:
+                raise ValueError(
+                    f"Task {task.name!r}: {kind}[{index}] has no image, but the model is a "
+                    "vision-language model. Give every record an 'image' (a PIL image or a path)."
+                )

@@ -1,0 +1,194 @@
+"""ContinualMoETrainer on a synthetic stream where forgetting is real (see synthetic_stream.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from synthetic_stream import TASKS, TokenCollator, answer_accuracy, records
+from tiny_vlms import build_tiny_vlm
+
+from cmoe_adapters import (
+    ContinualMoEConfig,
+    ContinualMoETrainer,
+    ContinualResult,
+    ContinualTrainingArguments,
+    Task,
+)
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "continual_stream.py")
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def stream(train=96, evaluate=24) -> list[Task]:
+    return [
+        Task(name, records(name, train, i), records(name, evaluate, 100 + i), evaluate=answer_accuracy)
+        for i, name in enumerate(TASKS)
+    ]
+
+
+def trainer_for(model, output_dir, **overrides) -> ContinualMoETrainer:
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 24,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 5e-3,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        **overrides,
+    }
+    return ContinualMoETrainer(
+        model=model, args=ContinualTrainingArguments(**settings), data_collator=TokenCollator()
+    )
+
+
+def moe_model(**config):
+    defaults = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
+    return get_peft_model(tiny_llama(), ContinualMoEConfig(**{**defaults, **config}))
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("moe")
+    trainer = trainer_for(moe_model(), output_dir, eval_oracle=True)
+    return trainer, trainer.train_tasks(stream()), output_dir
+
+
+def test_continual_moe_keeps_old_tasks_where_sequential_lora_forgets(moe_run, tmp_path):
+    _, moe, _ = moe_run
+    lora_model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS))
+    lora = trainer_for(lora_model, tmp_path).train_tasks(stream())
+
+    assert lora.tasks == moe.tasks == list(TASKS)
+    assert [len(row) for row in moe.accuracy_matrix] == [1, 2, 3]
+    assert lora.accuracy_matrix[-1][0] == 0.0 and lora.bwt <= -0.9, "one shared LoRA forgets"
+    assert min(row[i] for i, row in enumerate(moe.accuracy_matrix)) >= 0.9, "each task is learnt"
+    assert moe.bwt >= -0.05 and moe.final_average >= 0.9, "the continual MoE does not forget"
+    assert moe.locator_accuracy >= 0.9 and lora.locator_accuracy is None
+    assert moe.oracle_accuracy_matrix is not None and moe.oracle_final_average >= moe.final_average - 0.05
+
+
+def test_each_task_is_saved_and_loads_back(moe_run):
+    trainer, result, output_dir = moe_run
+    assert {"low", "mid", "high", "results.json", "results.md"} <= set(os.listdir(output_dir))
+    assert not any(name.startswith(".") for name in os.listdir(output_dir)), "no staging folders left"
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["accuracy_matrix"] == result.accuracy_matrix
+    assert saved["summary"]["bwt"] == pytest.approx(result.bwt)
+    assert ContinualResult.load(str(output_dir)).accuracy_matrix == result.accuracy_matrix
+    assert "| after \\ on | low | mid | high |" in (output_dir / "results.md").read_text()
+    assert len(result.task_logs) == 3 and result.task_logs[0]["locator"]["task"] == "low"
+
+    after_mid = PeftModel.from_pretrained(tiny_llama(), output_dir / "mid")
+    assert after_mid.tasks == ["low", "mid"]
+    assert answer_accuracy(after_mid, records("low", 24, 100)) == pytest.approx(result.accuracy_matrix[1][0])
+    final = PeftModel.from_pretrained(tiny_llama(), output_dir / "high")
+    ids = torch.tensor([r["prompt"] for r in records("mid", 4, 7)])
+    assert torch.equal(final(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_tasks_can_arrive_one_at_a_time(tmp_path):
+    trainer = trainer_for(moe_model(), tmp_path, max_steps=8)
+    first, second, _ = stream(train=32, evaluate=8)
+    trainer.train_task(first)
+    assert trainer.result.tasks == ["low"] and trainer.continual_model.tasks == ["low"]
+    result = trainer.train_task(second)
+    assert result.tasks == ["low", "mid"] and len(result.accuracy_matrix[1]) == 2
+
+
+def test_balancing_loss_is_added_and_scaled_for_gradient_accumulation(tmp_path):
+    model = moe_model(router_aux_loss_coef=0.5)
+    model.add_task("low")
+    trainer = trainer_for(model, tmp_path, gradient_accumulation_steps=4)
+    batch = TokenCollator()(records("low", 8, 0))
+    model.train()
+    plain = model(**batch).loss
+    aux = model.router_aux_loss()
+    trainer.current_gradient_accumulation_steps = 4
+    # num_items_in_batch given: the Trainer will not divide the loss by GA, so the aux loss is divided here
+    scaled = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(8))
+    torch.testing.assert_close(scaled, plain + aux / 4)
+    # without it the Trainer divides the whole loss by GA later, so the aux loss is added as is
+    torch.testing.assert_close(trainer.compute_loss(model, batch), plain + aux)
+
+
+def test_bad_streams_fail_before_any_training(tmp_path):
+    trainer = trainer_for(moe_model(), tmp_path)
+    low = stream(train=16, evaluate=4)[0]
+    with pytest.raises(ValueError, match=r"Duplicate task names.*'low'"):
+        trainer.train_tasks([low, Task("low", low.train_dataset)])
+    with pytest.raises(ValueError, match="'empty': train_dataset is empty"):
+        trainer.train_tasks([low, Task("empty", [])])
+    with pytest.raises(ValueError, match="'bad/name' cannot be used"):
+        trainer.train_tasks([Task("bad/name", low.train_dataset)])
+    with pytest.raises(TypeError, match="sized data set"):
+        trainer.train_tasks([Task("gen", (r for r in low.train_dataset))])
+    with pytest.raises(ValueError, match="no evaluate= function"):
+        trainer.train_tasks([Task("noeval", low.train_dataset, low.eval_dataset)])
+    assert trainer.continual_model.tasks == [], "nothing was added or trained"
+
+
+def test_a_task_without_eval_set_leaves_its_column_empty(tmp_path):
+    trainer = trainer_for(moe_model(), tmp_path, max_steps=8)
+    low, mid, _ = stream(train=32, evaluate=8)
+    with pytest.warns(UserWarning, match="'mid' has no eval_dataset"):
+        result = trainer.train_tasks([low, Task("mid", mid.train_dataset)])
+    assert result.accuracy_matrix[1][1] is None and result.accuracy_matrix[1][0] is not None
+    assert result.final_average == result.accuracy_matrix[1][0]
+
+
+def test_vqa_records_without_images_are_refused(tmp_path):
+    vlm = build_tiny_vlm("llava").model
+    model = get_peft_model(vlm, ContinualMoEConfig(r=2, num_experts=2, top_k=1))
+    trainer = trainer_for(model, tmp_path)
+    data = [{"image": None, "question": "what color?", "answer": "red"}] * 3
+    with pytest.raises(ValueError, match=r"train_dataset\[0\] has no image"):
+        trainer.train_tasks([Task("color", data, evaluate=lambda m, d: 0.0)])
+
+
+def test_resume_after_kill_9_restores_finished_tasks_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = [sys.executable, SCRIPT]
+    subprocess.run([*run, str(tmp_path / "full"), "--dump", str(tmp_path / "full_dump")], env=env, check=True)
+    killed = subprocess.run([*run, str(tmp_path / "crash"), "--kill-at", "mid:20"], env=env)
+    assert killed.returncode == -9, "the process must really die by SIGKILL"
+    assert ContinualResult.load(str(tmp_path / "crash")).tasks == ["low"]
+    subprocess.run(
+        [*run, str(tmp_path / "crash"), "--resume", "--dump", str(tmp_path / "resumed_dump")],
+        env=env,
+        check=True,
+    )
+    full = torch.load(tmp_path / "full_dump" / "rank0.pt")
+    resumed = torch.load(tmp_path / "resumed_dump" / "rank0.pt")
+    assert resumed["matrix"] == full["matrix"]
+    assert full["state"].keys() == resumed["state"].keys()
+    for key, value in full["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+
+
+def test_ddp_on_two_processes_gives_identical_ranks_and_only_rank_0_writes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        SCRIPT, str(tmp_path / "out"), "--ddp", "--dump", str(tmp_path / "dump"),
+    ]  # fmt: skip
+    subprocess.run(command, env=env, check=True, timeout=600)
+    rank0 = torch.load(tmp_path / "dump" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "dump" / "rank1.pt")
+    assert rank0["matrix"] == rank1["matrix"]
+    assert any("locator" in key for key in rank0["state"])
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key
+    assert rank0["written"], "rank 0 writes the results"
+    # other ranks write only the Trainer's own per-rank RNG state (and its folders) in checkpoints
+    trainer_own = re.compile(r".*/checkpoints(/\w+(/checkpoint-\d+(/rng_state_1\.pth)?)?)?$")
+    assert all(trainer_own.match(path) for path in rank1["written"]), rank1["written"]
