@@ -84,6 +84,24 @@ class ContinualMoEConfig(PeftConfig):
         locator_temperature: softmax temperature turning calibrated scores into probabilities.
         locator_max_features: features kept per task for fitting (reservoir sample).
         locator_feature_dim: set when the first locator is fitted (state; leave it None).
+        freeze_old_experts: a new task freezes the experts of earlier tasks (default). ``False``
+            keeps every expert trainable across tasks (CL-MoE's shared experts; then earlier tasks'
+            outputs change, and ``momentum_merge`` limits how much).
+        router_per_task: every task gets its own router (default). ``False``: one router shared
+            and trained by all tasks (the MoE-LoRA baseline; needs ``experts_per_task=0``).
+        expansion: LLaVA-CMoE's probe-guided knowledge extension. Before each task after the
+            first, ``expansion_probe_experts`` probe experts are trained briefly in every layer on
+            ``expansion_probe_fraction`` of the task's data; a layer gets ``experts_per_task`` new
+            experts only when its probes' activation frequency exceeds ``mean - expansion_alpha *
+            std`` over layers, each initialised from the old expert the probe phase used most.
+        dual_router: CL-MoE's dual router: gates = ``dual_router_beta`` * instance gates +
+            (1 - beta) * the task-level gate of the (given or located) task.
+        task_gate: ``"usage"``: the task-level gate is the task's expert-usage share counted over
+            its training (top-k per token, as CL-MoE's reference); ``"learned"``: a trained softmax.
+        momentum_merge: CL-MoE's momentum merge after each task: ``theta_e = lambda_e *
+            theta_e(before) + (1 - lambda_e) * theta_e(after)`` with ``momentum_shared`` for experts
+            earlier tasks also use and ``momentum_new`` for experts only the new task uses. An expert
+            counts as used when its usage share is at least ``momentum_usage_threshold / E``.
         task_records: the grown structure, one record per task in order (written by ``add_task``;
             leave it empty when creating a config).
     """
@@ -129,6 +147,19 @@ class ContinualMoEConfig(PeftConfig):
     locator_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of locating."})
     locator_max_features: int = field(default=4096, metadata={"help": "Features kept per task for fitting."})
     locator_feature_dim: int | None = field(default=None, metadata={"help": "Set at the first fit (state)."})
+    freeze_old_experts: bool = field(default=True, metadata={"help": "Freeze earlier tasks' experts."})
+    router_per_task: bool = field(default=True, metadata={"help": "One router per task (else one shared)."})
+    expansion: bool = field(default=False, metadata={"help": "Probe-guided expert expansion (LLaVA-CMoE)."})
+    expansion_alpha: float = field(default=1.0, metadata={"help": "Expand where freq > mean - alpha * std."})
+    expansion_probe_fraction: float = field(default=0.1, metadata={"help": "Share of data for probing."})
+    expansion_probe_experts: int = field(default=1, metadata={"help": "Probe experts per layer."})
+    dual_router: bool = field(default=False, metadata={"help": "Instance + task-level router (CL-MoE)."})
+    dual_router_beta: float = field(default=0.5, metadata={"help": "Weight of the instance-level gates."})
+    task_gate: str = field(default="usage", metadata={"help": "'usage' statistics or 'learned'."})
+    momentum_merge: bool = field(default=False, metadata={"help": "Momentum merge of experts (CL-MoE)."})
+    momentum_shared: float = field(default=0.7, metadata={"help": "lambda of experts shared with old tasks."})
+    momentum_new: float = field(default=0.3, metadata={"help": "lambda of experts only the new task uses."})
+    momentum_usage_threshold: float = field(default=0.5, metadata={"help": "Used if share >= this / E."})
     task_records: list[dict[str, Any]] = field(
         default_factory=list, metadata={"help": "The tasks learnt so far and the experts each added (state)."}
     )
@@ -190,7 +221,38 @@ class ContinualMoEConfig(PeftConfig):
                 errors.append(
                     "target_modules=[] adapts nothing: leave it None for the architecture's default."
                 )
+        if not self.router_per_task and self.experts_per_task != 0:
+            errors.append(
+                "router_per_task=False shares one router over a fixed set of experts: set "
+                f"experts_per_task=0 (got {self.experts_per_task})."
+            )
+        if self.momentum_merge and self.freeze_old_experts:
+            errors.append(
+                "momentum_merge=True blends experts that the new task trained, but freeze_old_experts=True "
+                "keeps every earlier expert frozen: set freeze_old_experts=False (as "
+                "ContinualMoEConfig.cl_moe does)."
+            )
+        if self.expansion and self.experts_per_task == 0:
+            errors.append("expansion=True adds experts where probes say so: experts_per_task must be >= 1.")
+        for attr in ("dual_router_beta", "momentum_shared", "momentum_new"):
+            value = getattr(self, attr)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                errors.append(f"{attr}={value!r}: must be in [0, 1].")
+        if (
+            not isinstance(self.expansion_probe_fraction, (int, float))
+            or not 0 < self.expansion_probe_fraction <= 1
+        ):
+            errors.append(f"expansion_probe_fraction={self.expansion_probe_fraction!r}: must be in (0, 1].")
+        if not is_int(self.expansion_probe_experts) or self.expansion_probe_experts < 1:
+            errors.append(
+                f"expansion_probe_experts={self.expansion_probe_experts!r}: must be an integer >= 1."
+            )
+        if not isinstance(self.expansion_alpha, (int, float)):
+            errors.append(f"expansion_alpha={self.expansion_alpha!r}: must be a number.")
+        if not isinstance(self.momentum_usage_threshold, (int, float)) or self.momentum_usage_threshold < 0:
+            errors.append(f"momentum_usage_threshold={self.momentum_usage_threshold!r}: must be >= 0.")
         choices = {
+            "task_gate": ("usage", "learned"),
             "locator_feature_source": ("first_layer_input", "base_last_hidden"),
             "locator_pooling": ("mean", "last"),
             "locator_score": ("elbo", "reconstruction"),
@@ -227,6 +289,54 @@ class ContinualMoEConfig(PeftConfig):
                 seen.add(name)
         if errors:
             raise ValueError("Invalid ContinualMoEConfig:\n  - " + "\n  - ".join(errors))
+
+    # -- presets ----------------------------------------------------------------------------------
+
+    @classmethod
+    def llava_cmoe(cls, **overrides: Any) -> ContinualMoEConfig:
+        """LLaVA-CMoE: probe-guided expansion, a router per task, frozen old experts, VAE locator.
+
+        The paper does not give its expert counts; these defaults add 2 experts of rank 8 per
+        expanded layer with top-2 routing. Every field can be overridden.
+        """
+        settings: dict[str, Any] = {
+            "r": 8,
+            "lora_alpha": 16,
+            "num_experts": 4,
+            "top_k": 2,
+            "experts_per_task": 2,
+            "expansion": True,
+            "expansion_alpha": 1.0,
+            "expansion_probe_fraction": 0.1,
+            "expansion_probe_experts": 1,
+            "router_per_task": True,
+            "freeze_old_experts": True,
+        }
+        return cls(**{**settings, **overrides})
+
+    @classmethod
+    def cl_moe(cls, **overrides: Any) -> ContinualMoEConfig:
+        """CL-MoE: 4 shared experts of rank 8 (alpha 16, the reference's r=32/alpha=64 split),
+        top-2, dual router with beta=0.5 and usage-based task gates, momentum merge 0.7/0.3.
+
+        Experts stay trainable across tasks (that is what the momentum merge is for); each task
+        still gets its own instance router, and the locator supplies the task-level gate's task.
+        """
+        settings: dict[str, Any] = {
+            "r": 8,
+            "lora_alpha": 16,
+            "num_experts": 4,
+            "top_k": 2,
+            "experts_per_task": 0,
+            "freeze_old_experts": False,
+            "dual_router": True,
+            "dual_router_beta": 0.5,
+            "task_gate": "usage",
+            "momentum_merge": True,
+            "momentum_shared": 0.7,
+            "momentum_new": 0.3,
+        }
+        return cls(**{**settings, **overrides})
 
     # -- task structure ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import ContinualMoEConfig
-from .routing import RoutingState, TaskRouters, gates_from_logits, load_balancing_loss
+from .routing import RoutingState, TaskRouters, gates_from_logits, load_balancing_loss, top_k_assignments
 
 
 class LoRAExperts(nn.Module):
@@ -111,11 +111,30 @@ class LoRAExperts(nn.Module):
                 self._stacked_cache = (key, (torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B))))
         return self._stacked_cache[1]
 
-    def set_trainable(self, owner: int | None) -> None:
-        """Make only the blocks created by task `owner` trainable (``None`` freezes all)."""
+    def set_trainable(self, owner: int | None, freeze_old: bool = True) -> None:
+        """Train the blocks created by task `owner` (all blocks if not `freeze_old`); None: none."""
         for a, b, block_owner in zip(self.lora_A, self.lora_B, self.block_owner, strict=True):
-            a.requires_grad_(block_owner == owner)
-            b.requires_grad_(block_owner == owner)
+            trainable = owner is not None and (block_owner == owner or not freeze_old)
+            a.requires_grad_(trainable)
+            b.requires_grad_(trainable)
+
+    def remove_block_of(self, owner: int) -> None:
+        """Drop the newest block if task `owner` created it (rolls back a probe)."""
+        if self.block_owner and self.block_owner[-1] == owner:
+            self.lora_A = nn.ParameterList(list(self.lora_A)[:-1])
+            self.lora_B = nn.ParameterList(list(self.lora_B)[:-1])
+            self.block_owner.pop()
+            self._stacked_cache = None
+
+    def assign_stacked(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Overwrite the first ``a.shape[0] // r`` experts with stacked values (in place)."""
+        offset = 0
+        with torch.no_grad():
+            for block_a, block_b in zip(self.lora_A, self.lora_B, strict=True):
+                take = max(0, min(block_a.shape[0], a.shape[0] - offset))
+                block_a[:take].copy_(a[offset : offset + take])
+                block_b[:take].copy_(b[offset : offset + take])
+                offset += block_a.shape[0]
 
 
 class ContinualMoELayer(nn.Module, BaseTunerLayer):
@@ -144,6 +163,9 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.top_k: dict[str, int | None] = {}
         self.router_init_std: dict[str, float] = {}
+        self.freeze_old_experts: dict[str, bool] = {}
+        self.dual_router_beta: dict[str, float | None] = {}
+        self.usage_counts: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -155,7 +177,11 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: ContinualMoEConfig) -> None:
         """Create the adapter's (empty) experts and routers, then replay the tasks of its config."""
         self.cmoe_experts[adapter_name] = LoRAExperts(self.in_features, self.out_features, config.r)
-        self.cmoe_routers[adapter_name] = TaskRouters(self.in_features)
+        self.cmoe_routers[adapter_name] = TaskRouters(
+            self.in_features,
+            shared=not config.router_per_task,
+            learned_gate=config.dual_router and config.task_gate == "learned",
+        )
         self.cmoe_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         ).train(self.training)
@@ -163,6 +189,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.top_k[adapter_name] = config.top_k
         self.router_init_std[adapter_name] = config.router_init_std
+        self.freeze_old_experts[adapter_name] = config.freeze_old_experts
+        self.dual_router_beta[adapter_name] = config.dual_router_beta if config.dual_router else None
         for task_index in range(len(config.task_records)):
             self.add_task(adapter_name, config.new_experts_for(task_index, self.layer_name))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -187,11 +215,25 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         experts.grow(new_experts, owner=len(routers), init_from=init_from, device=device, dtype=dtype)
         routers.add(experts.num_experts, self.router_init_std[adapter_name], device=device, dtype=dtype)
 
+    def remove_last_task(self, adapter_name: str) -> None:
+        """Undo the newest `add_task` (its router, statistics and new experts)."""
+        routers = self.cmoe_routers[adapter_name]
+        self.cmoe_experts[adapter_name].remove_block_of(len(routers) - 1)
+        routers.remove_last()
+
     def set_trainable_task(self, adapter_name: str, task: int | None) -> None:
-        """Only task `task`'s router and the experts it created get gradients (``None``: nothing)."""
-        self.cmoe_experts[adapter_name].set_trainable(task)
-        for index, weight in enumerate(self.cmoe_routers[adapter_name].weight):
-            weight.requires_grad_(index == task)
+        """Only task `task`'s router and experts get gradients (``None``: nothing).
+
+        Its experts are the ones it created, or every expert when old experts are not frozen.
+        """
+        self.cmoe_experts[adapter_name].set_trainable(task, self.freeze_old_experts[adapter_name])
+        routers = self.cmoe_routers[adapter_name]
+        for parameter in routers.parameters():
+            parameter.requires_grad_(False)
+        if task is not None:
+            routers.router(task).requires_grad_(True)
+            if routers.learned_gate:
+                routers.task_logits[task].requires_grad_(True)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """peft's `set_adapter`, then the continual rule: only the newest task is trainable."""
@@ -251,7 +293,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         expert_a, expert_b = experts.stacked()
         x = self._cast_input_dtype(x, expert_a.dtype)
 
-        per_sample = None
+        per_sample = present = inverse = None
         if isinstance(task, torch.Tensor):
             per_sample = self._align_tasks(task, x)
             present, inverse = torch.unique(per_sample, return_inverse=True)
@@ -259,7 +301,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
                 task, per_sample = int(present.item()), None
 
         if per_sample is None:
-            router = routers.weight[task]
+            router = routers.router(task)
             num_experts = router.shape[0]
             if num_experts == 0:
                 return None
@@ -279,13 +321,40 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
 
         top_k = self.top_k[adapter_name]
         gates = gates_from_logits(logits, top_k)
+        beta = self.dual_router_beta[adapter_name]
+        if beta is not None:
+            gates = self._mix_task_gates(
+                gates, routers, beta, task if per_sample is None else None, present, inverse
+            )
+        mask = self.routing.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
+            mask = None
         if self.training and torch.is_grad_enabled() and self.routing.collect_aux_loss:
-            mask = self.routing.token_mask
-            if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
-                mask = None
             self.routing.aux_losses.append(load_balancing_loss(logits, top_k, mask))
+        if self.routing.track_usage and per_sample is None:
+            self._count_usage(adapter_name, logits, top_k, mask)
         hidden = rearrange(hidden, "... (e r) -> ... e r", r=r) * gates.unsqueeze(-1).to(hidden.dtype)
         return (rearrange(hidden, "... e r -> ... (e r)") @ expert_b) * self.scaling[adapter_name]
+
+    @staticmethod
+    def _mix_task_gates(gates, routers: TaskRouters, beta: float, task, present, inverse) -> torch.Tensor:
+        """CL-MoE's dual router: ``beta * G^I(x) + (1 - beta) * G^T(t)`` (G^I alone before G^T exists)."""
+        if task is not None:
+            task_gate = routers.task_gate(task)
+            return gates if task_gate is None else beta * gates + (1 - beta) * task_gate.to(gates.dtype)
+        task_gates, has_gate = routers.padded_task_gates(present, gates.shape[-1])
+        weight = torch.where(has_gate, beta, 1.0)[inverse][:, None, None].to(gates.dtype)
+        return weight * gates + (1 - weight) * task_gates[inverse][:, None, :].to(gates.dtype)
+
+    def _count_usage(self, adapter_name: str, logits: torch.Tensor, top_k: int | None, mask) -> None:
+        assigned = top_k_assignments(logits.detach(), top_k)
+        if mask is not None:
+            assigned = assigned * mask.unsqueeze(-1).to(assigned.dtype)
+        counts = assigned.reshape(-1, assigned.shape[-1]).sum(0).double()
+        previous = self.usage_counts.get(adapter_name)
+        if previous is not None and previous.shape == counts.shape:
+            counts = counts + previous
+        self.usage_counts[adapter_name] = counts
 
     # -- peft API ---------------------------------------------------------------------------------
 

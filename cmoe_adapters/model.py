@@ -38,6 +38,14 @@ _LOCATE = object()  # resolve_task's answer when the locator must pick the task
 _NO_PENDING = object()  # no generate call is waiting for its prefill forward
 
 
+def _all_reduce(counts: torch.Tensor) -> torch.Tensor:
+    """Sum a statistic over all processes (unchanged without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts)
+    return counts
+
+
 class _FeatureReady(Exception):
     """Stops a forward pass as soon as the locator's feature is known (`locate_tasks`)."""
 
@@ -182,11 +190,21 @@ class ContinualMoEModel(BaseTuner):
             known = ", ".join(repr(t) for t in self.tasks) or "none yet (call add_task first)"
             raise KeyError(f"Unknown task {name!r}. Known tasks: {known}.") from None
 
-    def add_task(self, name: str) -> None:
+    def add_task(
+        self,
+        name: str,
+        *,
+        expanded_layers: Sequence[str] | None = None,
+        init_from: Mapping[str, Sequence[int]] | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         """Start a new task: freeze all earlier experts and routers, add its experts and router.
 
         Only the new task's router (in every adapted layer) and the experts it adds get gradients
-        afterwards. Create the optimizer after calling this.
+        afterwards (every expert, with ``freeze_old_experts=False``). Create the optimizer after
+        calling this. `expanded_layers` limits new experts to those layers, `init_from` names per
+        layer the existing experts to copy into them, `details` is stored in the task's record
+        (probe-guided expansion passes its decision here).
         """
         validate_task_name(name)
         if name in self.tasks:
@@ -196,7 +214,17 @@ class ContinualMoEModel(BaseTuner):
                 "This adapter was loaded for inference; load it with PeftModel.from_pretrained(..., "
                 "is_trainable=True) to add tasks."
             )
-        self._grow({"name": name})
+        record: dict[str, Any] = {"name": name}
+        if expanded_layers is not None:
+            unknown = sorted(set(expanded_layers) - {layer.layer_name for layer in self._layers()})
+            if unknown:
+                raise ValueError(f"expanded_layers names layers that are not adapted: {unknown[:5]}.")
+            record["expanded_layers"] = sorted(expanded_layers)
+        if init_from:
+            record["init_from"] = {layer: list(experts) for layer, experts in init_from.items()}
+        if details:
+            record.update(details)
+        self._grow(record)
 
     def _grow(self, record: dict[str, Any]) -> None:
         """Append a task record and build what it adds in every layer (and its locator slot)."""
@@ -204,11 +232,69 @@ class ContinualMoEModel(BaseTuner):
         config = self._config
         config.task_records.append(record)
         task = len(config.task_records) - 1
+        init_from = record.get("init_from", {})
         for layer in self._layers():
-            layer.add_task(adapter_name, config.new_experts_for(task, layer.layer_name))
+            count = config.new_experts_for(task, layer.layer_name)
+            copies = init_from.get(layer.layer_name)
+            layer.add_task(adapter_name, count, init_from=list(copies)[:count] if copies and count else None)
             layer.set_trainable_task(adapter_name, task)
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, 1)
+
+    def remove_last_task(self) -> dict[str, Any]:
+        """Undo the newest `add_task` entirely (used to roll back probe experts); returns its record."""
+        adapter_name = self.active_adapters[0]
+        config = self._config
+        if not config.task_records:
+            raise ValueError("There is no task to remove.")
+        for layer in self._layers():
+            layer.remove_last_task(adapter_name)
+            layer.set_trainable_task(
+                adapter_name, len(config.task_records) - 2 if len(config.task_records) > 1 else None
+            )
+        locator = self._locator
+        if len(locator) == len(config.task_records):
+            locator.vaes = torch.nn.ModuleList(list(locator.vaes)[:-1])
+        return config.task_records.pop()
+
+    def freeze(self) -> None:
+        """No parameter of the adapter gets gradients (done once a task is finished)."""
+        for layer in self._layers():
+            layer.set_trainable_task(self.active_adapters[0], None)
+
+    # -- expert usage -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def tracking_usage(self) -> Iterator[None]:
+        """Inside this block every layer counts the top-k expert assignments of its tokens."""
+        for layer in self._layers():
+            layer.usage_counts.clear()
+        self._routing.track_usage = True
+        try:
+            yield
+        finally:
+            self._routing.track_usage = False
+
+    def usage_counts(self) -> dict[str, torch.Tensor]:
+        """Assignments counted per layer since `tracking_usage` began, summed over all processes."""
+        adapter_name = self.active_adapters[0]
+        counts = {}
+        for layer in self._layers():
+            value = layer.usage_counts.get(adapter_name)
+            if value is None:
+                value = torch.zeros(layer.cmoe_experts[adapter_name].num_experts, dtype=torch.float64)
+            counts[layer.layer_name] = _all_reduce(value)
+        return counts
+
+    def record_usage(self, task: str | None = None) -> None:
+        """Store the counted usage as the task's expert-usage share in every layer (CL-MoE's G^T)."""
+        index = self.task_index(task if task is not None else self.tasks[-1])
+        adapter_name = self.active_adapters[0]
+        counts = self.usage_counts()
+        for layer in self._layers():
+            usage = layer.cmoe_routers[adapter_name].usage[index]
+            share = counts[layer.layer_name][: usage.shape[0]]
+            usage.copy_((share / share.sum().clamp_min(1e-12)).to(usage.dtype))
 
     def replay_tasks(self, saved: ContinualMoEConfig) -> None:
         """Grow this model to the task structure of a saved config whose tasks extend ours.

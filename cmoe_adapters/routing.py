@@ -26,6 +26,7 @@ class RoutingState:
     ``feature_hook``, when set, is called once per forward pass by the first adapted layer that
     runs, with that layer's input: the task locator's feature is taken there, and the hook may set
     ``task`` before any layer routes. ``bypass`` makes every adapted layer act as its base layer.
+    With ``track_usage``, each layer counts the top-k expert assignments of its tokens.
     """
 
     task: int | torch.Tensor | None = None
@@ -34,6 +35,7 @@ class RoutingState:
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     feature_hook: Callable[[torch.Tensor], None] | None = None
     bypass: bool = False
+    track_usage: bool = False
 
     def reset(
         self,
@@ -47,28 +49,76 @@ class RoutingState:
         self.aux_losses.clear()
 
 
+class BufferList(nn.Module):
+    """A list of tensors saved with the module (buffers named ``0, 1, ...``)."""
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._buffers[str(index if index >= 0 else len(self) + index)]
+
+    def __iter__(self):
+        return iter(self._buffers.values())
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self.register_buffer(str(len(self)), tensor)
+
+    def pop(self) -> torch.Tensor:
+        return self._buffers.pop(str(len(self) - 1))
+
+
 class TaskRouters(nn.Module):
     """The routers of one adapted layer, one linear map (no bias) per task, in task order.
 
-    Router ``t`` has shape ``[E_t, d_in]`` where ``E_t`` is the number of experts it can choose from.
+    Router ``t`` has shape ``[E_t, d_in]`` where ``E_t`` is the number of experts it can choose from
+    (with ``shared=True`` every task uses router 0). Each task also keeps its expert-usage share
+    ``usage[t]`` (``[E_t]``, top-k assignments counted over its training) and, with
+    ``learned_gate=True``, the logits of a learned task-level gate (CL-MoE's dual router).
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, shared: bool = False, learned_gate: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
+        self.shared = shared
+        self.learned_gate = learned_gate
         self.weight = nn.ParameterList()
+        self.task_logits = nn.ParameterList()
+        self.usage = BufferList()
 
     def __len__(self) -> int:
-        return len(self.weight)
+        return len(self.usage)
+
+    def router(self, task: int) -> nn.Parameter:
+        return self.weight[0 if self.shared else task]
 
     def num_experts(self, task: int) -> int:
-        return self.weight[task].shape[0]
+        return self.router(task).shape[0]
 
     def add(self, num_experts: int, init_std: float, *, device=None, dtype=None) -> None:
-        """Append the router of a new task over `num_experts` experts."""
-        weight = torch.empty(num_experts, self.in_features, device=device, dtype=dtype)
-        nn.init.normal_(weight, std=init_std)
-        self.weight.append(nn.Parameter(weight))
+        """Append the router (and statistics) of a new task over `num_experts` experts."""
+        if not self.shared or len(self.weight) == 0:
+            weight = torch.empty(num_experts, self.in_features, device=device, dtype=dtype)
+            nn.init.normal_(weight, std=init_std)
+            self.weight.append(nn.Parameter(weight))
+        self.usage.append(torch.zeros(num_experts, device=device, dtype=torch.float32))
+        if self.learned_gate:
+            self.task_logits.append(nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype)))
+
+    def remove_last(self) -> None:
+        """Forget the newest task (used to roll back a probe)."""
+        self.usage.pop()
+        if self.learned_gate:
+            self.task_logits = nn.ParameterList(list(self.task_logits)[:-1])
+        if not self.shared or len(self) == 0:
+            self.weight = nn.ParameterList(list(self.weight)[:-1])
+
+    def task_gate(self, task: int) -> torch.Tensor | None:
+        """CL-MoE's task-level gate ``G^T(t)`` over ``E_t`` experts (None before it exists)."""
+        if self.learned_gate:
+            return self.task_logits[task].softmax(-1)
+        usage = self.usage[task]
+        return usage if bool(usage.sum() > 0) else None
 
     def padded(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack the routers of `tasks` (distinct indices) padded to the largest expert count.
@@ -76,12 +126,28 @@ class TaskRouters(nn.Module):
         Returns ``(weights [U, E_max, d_in], visible [U, E_max] bool)``. Only the tasks present in a
         batch are gathered, so the cost does not grow with the number of registered tasks.
         """
-        routers = [self.weight[t] for t in tasks.tolist()]
+        routers = [self.router(t) for t in tasks.tolist()]
         width = max(r.shape[0] for r in routers)
         weights = torch.stack([nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in routers])
         counts = torch.tensor([r.shape[0] for r in routers], device=weights.device)
         visible = torch.arange(width, device=weights.device)[None, :] < counts[:, None]
         return weights, visible
+
+    def padded_task_gates(self, tasks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gates [U, width], present [U] bool)`` of `tasks`' task-level gates, zero-padded."""
+        gates, present = [], []
+        for task in tasks.tolist():
+            gate = self.task_gate(task)
+            present.append(gate is not None)
+            gate = torch.zeros(width, device=self.usage[task].device) if gate is None else gate.float()
+            gates.append(nn.functional.pad(gate, (0, width - gate.shape[0])))
+        return torch.stack(gates), torch.tensor(present, device=gates[0].device)
+
+
+def top_k_assignments(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """One-hot ``[..., E]`` of the experts each token is routed to (top-1 when dense)."""
+    k = 1 if top_k is None else min(top_k, logits.shape[-1])
+    return torch.zeros_like(logits, dtype=torch.float32).scatter(-1, logits.topk(k, dim=-1).indices, 1.0)
 
 
 def gates_from_logits(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -116,7 +182,7 @@ def load_balancing_loss(
     num_experts = logits.shape[-1]
     k = 1 if top_k is None else min(top_k, num_experts)
     probs = logits.softmax(dim=-1)
-    assigned = torch.zeros_like(probs).scatter(-1, logits.topk(k, dim=-1).indices, 1.0)
+    assigned = top_k_assignments(logits, top_k)
     if token_mask is not None:
         weights = token_mask.reshape(-1, 1).to(probs.dtype)
         total = weights.sum().clamp_min(1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -27,8 +28,9 @@ import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
+from . import expansion, momentum
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .locator import FeatureBuffer
@@ -77,6 +79,21 @@ class Task:
     train_dataset: Any
     eval_dataset: Any = None
     evaluate: Callable[[Any, Any], float] | None = None
+
+
+class _Subset:
+    """The first `size` records of a data set (enough for a probe phase)."""
+
+    def __init__(self, dataset: Any, size: int) -> None:
+        self.dataset, self.size = dataset, min(size, len(dataset))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self.dataset[index]
 
 
 def _gather_objects(value: Any) -> list[Any]:
@@ -167,37 +184,88 @@ class ContinualMoETrainer(Trainer):
         """Add, train, locate, evaluate and save one task (see the module docstring)."""
         self._validate([task])
         cmoe = self.continual_model
+        log: dict[str, Any] = {"task": task.name}
         if cmoe is not None and task.name not in cmoe.tasks:
-            cmoe.add_task(task.name)
+            decision = self._probe(task) if cmoe._config.expansion and cmoe.tasks else {}
+            cmoe.add_task(task.name, **decision)
+            if decision:
+                log["expansion"] = {
+                    k: v for k, v in decision["details"]["expansion"].items() if k != "probe_frequencies"
+                }
+        config = cmoe._config if cmoe is not None else None
+        before = momentum.snapshot_old_experts(cmoe) if config is not None and config.momentum_merge else None
         self._seen[task.name] = task
-        self.train_dataset = task.train_dataset
-        self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer over this task's parameters
-        # and a fresh DDP/FSDP/DeepSpeed wrapper: an old one does not know the new task's parameters
-        self.model_wrapped = self.model
 
         task_dir = os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, task.name)
         checkpoint = (
             get_last_checkpoint(task_dir) if resume_from_checkpoint and os.path.isdir(task_dir) else None
         )
-        collecting = (
-            cmoe.collecting_locator_features(task.name) if cmoe is not None else contextlib.nullcontext()
-        )
-        self.args.output_dir = task_dir
-        try:
-            with self._routing(task.name), collecting as buffer:
-                if checkpoint is not None and buffer is not None:
+        with contextlib.ExitStack() as phases:
+            buffer = None
+            if cmoe is not None:
+                phases.enter_context(cmoe.using_task(task.name))
+                buffer = phases.enter_context(cmoe.collecting_locator_features(task.name))
+                if config.dual_router or config.momentum_merge:
+                    phases.enter_context(cmoe.tracking_usage())
+                if checkpoint is not None:
                     self._load_feature_buffer(checkpoint, buffer)
-                output = super().train(resume_from_checkpoint=checkpoint)
-        finally:
-            self.args.output_dir = self.continual_output_dir
-        log: dict[str, Any] = {"task": task.name, "train_loss": output.training_loss, **output.metrics}
+            output = self._run_training(task.train_dataset, task_dir, checkpoint)
+        log.update({"train_loss": output.training_loss, **output.metrics})
 
         if cmoe is not None:
+            if config.dual_router or config.momentum_merge:
+                cmoe.record_usage(task.name)
+            if before:
+                log["momentum"] = momentum.merge_newest_task(cmoe, before)
             features = _gather_rows(buffer.tensor())
-            fit = cmoe.fit_locator(task.name, features=features, progress=not self.args.disable_tqdm)
-            log["locator"] = vars(fit)
+            log["locator"] = vars(
+                cmoe.fit_locator(task.name, features=features, progress=not self.args.disable_tqdm)
+            )
+            cmoe.freeze()
         self._finish_task(task, log)
         return self.result
+
+    def _run_training(self, dataset: Any, output_dir: str, checkpoint: str | None = None, **overrides: Any):
+        """One `Trainer.train` on `dataset` with a fresh optimizer, scheduler and model wrapper."""
+        self.train_dataset = dataset
+        self.optimizer, self.lr_scheduler = None, None
+        # a fresh DDP/FSDP/DeepSpeed wrapper too: an old one does not know the new task's parameters
+        self.model_wrapped = self.model
+        saved = {name: getattr(self.args, name) for name in ("output_dir", *overrides)}
+        for name, value in {"output_dir": output_dir, **overrides}.items():
+            setattr(self.args, name, value)
+        try:
+            return super().train(resume_from_checkpoint=checkpoint)
+        finally:
+            for name, value in saved.items():
+                setattr(self.args, name, value)
+
+    def _probe(self, task: Task) -> dict[str, Any]:
+        """LLaVA-CMoE's probe phase on a share of the task's data; returns the expansion decision."""
+        cmoe = self.continual_model
+        config = cmoe._config
+        size = max(1, math.ceil(config.expansion_probe_fraction * len(task.train_dataset)))
+        subset = _Subset(task.train_dataset, size)
+        steps = (
+            math.ceil(config.expansion_probe_fraction * self.args.max_steps)
+            if self.args.max_steps > 0
+            else -1
+        )
+        probe = expansion.start_probe(cmoe)
+        try:
+            with cmoe.using_task(probe), cmoe.tracking_usage():
+                self._run_training(
+                    subset,
+                    os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, f"{task.name}.probe"),
+                    max_steps=steps,
+                    num_train_epochs=1,
+                    save_strategy=SaveStrategy.NO,
+                )
+                return expansion.finish_probe(cmoe)
+        except BaseException:
+            if probe in cmoe.tasks:
+                cmoe.remove_last_task()
+            raise
 
     def _finish_task(self, task: Task, log: dict[str, Any]) -> None:
         row, oracle_row, confusion = self._evaluate_seen()
