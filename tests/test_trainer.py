@@ -192,3 +192,29 @@ def test_ddp_on_two_processes_gives_identical_ranks_and_only_rank_0_writes(tmp_p
     # other ranks write only the Trainer's own per-rank RNG state (and its folders) in checkpoints
     trainer_own = re.compile(r".*/checkpoints(/\w+(/checkpoint-\d+(/rng_state_1\.pth)?)?)?$")
     assert all(trainer_own.match(path) for path in rank1["written"]), rank1["written"]
+
+
+@pytest.mark.parametrize("preset", ["llava_cmoe", "cl_moe"])
+def test_method_presets_run_their_phases_in_the_trainer(preset, tmp_path):
+    config = getattr(ContinualMoEConfig, preset)(r=4, lora_alpha=8, locator_steps=100)
+    trainer = trainer_for(get_peft_model(tiny_llama(), config), tmp_path, max_steps=16)
+    result = trainer.train_tasks(stream(train=64, evaluate=16))
+    assert result.tasks == list(TASKS) and len(result.accuracy_matrix[-1]) == 3
+    logs = result.task_logs
+    saved = trainer.continual_model.peft_config["default"].task_records
+    if preset == "llava_cmoe":
+        assert "expansion" not in logs[0], "the first task is not probed"
+        for log, record in zip(logs[1:], saved[1:], strict=True):
+            assert 1 <= log["expansion"]["expanded"] <= 14
+            assert len(record["expansion"]["probe_frequencies"]) == 14
+            assert len(record["expanded_layers"]) == log["expansion"]["expanded"]
+        assert trainer.continual_model.tasks == list(TASKS), "no probe task is left behind"
+    else:
+        assert "momentum" not in logs[0] and sum(logs[1]["momentum"].values()) == 14 * 4
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "high")
+    ids = torch.tensor([r["prompt"] for r in records_of("low")])
+    assert torch.equal(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def records_of(task: str) -> list[dict]:
+    return records(task, 4, 3)
