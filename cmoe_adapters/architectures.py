@@ -52,7 +52,15 @@ def _find_decoder_path(model: nn.Module) -> str | None:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    """Names of the linear layers, counting an adapter-wrapped linear once (not its `base_layer`)."""
+    names = []
+    for name, module in model.named_modules():
+        wrapped = getattr(module, "base_layer", None)
+        if name.endswith(".base_layer"):
+            continue
+        if isinstance(module, nn.Linear) or isinstance(wrapped, nn.Linear):
+            names.append(name)
+    return names
 
 
 def default_target_modules(model: nn.Module) -> str | None:

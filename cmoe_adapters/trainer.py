@@ -15,6 +15,7 @@ is the forgetting baseline to compare against.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from . import expansion, momentum
+from . import expansion, hub, momentum
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .locator import FeatureBuffer
@@ -124,6 +125,16 @@ class ContinualMoETrainer(Trainer):
             raise ValueError(
                 "The model was loaded for inference: load it with is_trainable=True to train it."
             )
+        self.hub_target: hub.HubTarget | None = None
+        if args.push_to_hub:  # this trainer pushes one revision per finished task, not checkpoints
+            self.hub_target = hub.HubTarget(
+                repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                token=args.hub_token,
+                private=args.hub_private_repo,
+                branch=args.hub_revision or "main",
+            )
+            args = copy.copy(args)
+            args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
         self.continual_output_dir = args.output_dir
         self.result = ContinualResult()
@@ -162,6 +173,7 @@ class ContinualMoETrainer(Trainer):
         )
         if resume:
             self._restore_finished(tasks)
+            self.push_pending()
         self._validate([task for task in tasks if task.name not in self.result.tasks])
         progress = tqdm(
             total=len(tasks),
@@ -347,13 +359,20 @@ class ContinualMoETrainer(Trainer):
     # -- saving and resuming --------------------------------------------------------------------
 
     def _save_task(self, name: str) -> None:
-        """``output_dir/<task>`` gets the adapter after this task; results.json the matrix so far."""
+        """``output_dir/<task>`` gets the adapter after this task; results.json the matrix so far.
+
+        With ``push_to_hub``, the saved folder is then pushed as the task's revision.
+        """
         if self.args.should_save:
             root = self.continual_output_dir
             final = os.path.join(root, name)
             staging = os.path.join(root, f".{name}.saving")
             shutil.rmtree(staging, ignore_errors=True)
             self.model.save_pretrained(staging)
+            config = self.model.peft_config[self.model.active_adapter]
+            repo_id = self.hub_target.repo_id if self.hub_target is not None else None
+            with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+                handle.write(hub.model_card(config, self.result, repo_id, name))
             if os.path.exists(final):
                 retired = os.path.join(root, f".{name}.old")
                 shutil.rmtree(retired, ignore_errors=True)
@@ -363,7 +382,40 @@ class ContinualMoETrainer(Trainer):
             else:
                 os.replace(staging, final)
             self.result.save(root)
+            if self.hub_target is not None:
+                hub.write_pending(root, [*hub.read_pending(root), name])
+                self.push_pending()
         self.accelerator.wait_for_everyone()
+
+    def push_pending(self) -> list[str]:
+        """Push every finished task whose push has not succeeded yet; returns those still pending.
+
+        A push that fails warns and leaves the task pending (the local save is untouched); call
+        this again later, or resume the stream, to retry.
+        """
+        if self.hub_target is None or not self.args.should_save:
+            return []
+        root = self.continual_output_dir
+        pending = hub.read_pending(root)
+        latest = self.result.tasks[-1] if self.result.tasks else None
+        still: list[str] = []
+        for task in pending:
+            if still:  # keep the order: a later task must not overtake an earlier one that failed
+                still.append(task)
+                continue
+            try:
+                self.hub_target.ensure_repo()
+                self.hub_target.push_task(os.path.join(root, task), task, latest=task == latest)
+            except Exception as error:  # a push must never stop training or lose the local save
+                warnings.warn(
+                    f"Pushing task {task!r} to {self.hub_target.repo_id} failed ({type(error).__name__}: "
+                    f"{error}). The local save in {os.path.join(root, task)} is intact; call "
+                    "trainer.push_pending() or resume the stream to retry.",
+                    stacklevel=2,
+                )
+                still.append(task)
+        hub.write_pending(root, still)
+        return still
 
     def _restore_finished(self, tasks: Sequence[Task]) -> None:
         """Bring back every finished task (weights, routers, locators, results) from output_dir."""

@@ -8,6 +8,10 @@ old tasks needs per-task routing and a locator that recognises the prompts.
 from __future__ import annotations
 
 import torch
+from conftest import tiny_llama
+from peft import get_peft_model
+
+from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task
 
 TASKS = {"low": ((3, 30), 91), "mid": ((33, 60), 92), "high": ((63, 90), 93)}
 PROMPT_LENGTH = 6
@@ -44,3 +48,32 @@ def answer_accuracy(model, dataset) -> float:
     )
     answers = torch.tensor([r["answer"] for r in dataset], device=device)
     return (generated[:, -1] == answers).float().mean().item()
+
+
+def stream(train=96, evaluate=24) -> list[Task]:
+    return [
+        Task(name, records(name, train, i), records(name, evaluate, 100 + i), evaluate=answer_accuracy)
+        for i, name in enumerate(TASKS)
+    ]
+
+
+def trainer_for(model, output_dir, **overrides) -> ContinualMoETrainer:
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 24,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 5e-3,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        **overrides,
+    }
+    return ContinualMoETrainer(
+        model=model, args=ContinualTrainingArguments(**settings), data_collator=TokenCollator()
+    )
+
+
+def moe_model(**config):
+    defaults = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
+    return get_peft_model(tiny_llama(), ContinualMoEConfig(**{**defaults, **config}))

@@ -12,48 +12,17 @@ import pytest
 import torch
 from conftest import tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from synthetic_stream import TASKS, TokenCollator, answer_accuracy, records
+from synthetic_stream import TASKS, TokenCollator, answer_accuracy, moe_model, records, stream, trainer_for
 from tiny_vlms import build_tiny_vlm
 
 from cmoe_adapters import (
     ContinualMoEConfig,
-    ContinualMoETrainer,
     ContinualResult,
-    ContinualTrainingArguments,
     Task,
 )
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "continual_stream.py")
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def stream(train=96, evaluate=24) -> list[Task]:
-    return [
-        Task(name, records(name, train, i), records(name, evaluate, 100 + i), evaluate=answer_accuracy)
-        for i, name in enumerate(TASKS)
-    ]
-
-
-def trainer_for(model, output_dir, **overrides) -> ContinualMoETrainer:
-    settings = {
-        "output_dir": str(output_dir),
-        "max_steps": 24,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 5e-3,
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-        "use_cpu": True,
-        **overrides,
-    }
-    return ContinualMoETrainer(
-        model=model, args=ContinualTrainingArguments(**settings), data_collator=TokenCollator()
-    )
-
-
-def moe_model(**config):
-    defaults = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
-    return get_peft_model(tiny_llama(), ContinualMoEConfig(**{**defaults, **config}))
 
 
 @pytest.fixture(scope="module")

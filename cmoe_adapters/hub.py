@@ -1,0 +1,163 @@
+"""Pushing every finished task to the Hugging Face Hub, and the model card.
+
+Each task's state is one commit holding the PEFT adapter (``adapter_config.json``,
+``adapter_model.safetensors``) and a model card, tagged with the task's name, so that
+``PeftModel.from_pretrained(base, repo_id, revision="<task>")`` gives back exactly the state after
+that task. The main branch (or ``hub_revision``) always holds the latest state. A push that fails
+never touches the local save: the task is recorded as pending and pushed later; a pending task
+that is older than the latest one is committed on a temporary side branch, so main never moves
+back in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub import HfApi
+
+from .results import ContinualResult, write_atomically
+
+PENDING_FILE = "hub_pending.json"
+_CONFIG_FIELDS = ("r", "lora_alpha", "num_experts", "top_k", "experts_per_task", "router_aux_loss_coef")
+_METHOD_FIELDS = (
+    "expansion",
+    "dual_router",
+    "momentum_merge",
+    "freeze_old_experts",
+    "locator_feature_source",
+)
+
+
+@dataclass
+class HubTarget:
+    """Where and how to push: the repository, its branch, the token and visibility."""
+
+    repo_id: str
+    token: str | None = None
+    private: bool | None = None
+    branch: str = "main"
+
+    def api(self) -> HfApi:
+        return HfApi(token=self.token)
+
+    def ensure_repo(self) -> str:
+        """Create the repository if needed; returns its full id (``namespace/name``)."""
+        url = self.api().create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+        self.repo_id = url.repo_id
+        return self.repo_id
+
+    def push_task(self, folder: str, task: str, *, latest: bool) -> str:
+        """Commit `folder` as the state after `task`, tag it with the task's name; returns the commit."""
+        api = self.api()
+        message = f"State after task '{task}'"
+        if latest:
+            commit = api.upload_folder(
+                repo_id=self.repo_id, folder_path=folder, revision=self.branch, commit_message=message
+            ).oid
+        else:  # an older task retried after a newer one landed: keep main where it is
+            side = f"cmoe-pending-{task}"
+            api.create_branch(self.repo_id, branch=side, revision=self.branch, exist_ok=True)
+            try:
+                commit = api.upload_folder(
+                    repo_id=self.repo_id, folder_path=folder, revision=side, commit_message=message
+                ).oid
+            finally:
+                api.delete_branch(self.repo_id, branch=side)
+        self._tag(api, task, commit)
+        return commit
+
+    def _tag(self, api: HfApi, task: str, commit: str) -> None:
+        refs = api.list_repo_refs(self.repo_id)
+        existing = {tag.name: tag.target_commit for tag in refs.tags}
+        if existing.get(task) == commit:
+            return
+        if task in existing:  # a re-push after a resume: the tag moves to the new state
+            api.delete_tag(self.repo_id, tag=task)
+        api.create_tag(self.repo_id, tag=task, revision=commit, tag_message=f"State after task '{task}'")
+
+
+def read_pending(output_dir: str) -> list[str]:
+    path = os.path.join(output_dir, PENDING_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return list(json.load(handle))
+
+
+def write_pending(output_dir: str, tasks: list[str]) -> None:
+    path = os.path.join(output_dir, PENDING_FILE)
+    if tasks:
+        write_atomically(path, json.dumps(tasks))
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def model_card(config: Any, result: ContinualResult | None, repo_id: str | None, task: str | None) -> str:
+    """The README.md of a pushed state: Hub metadata, tasks, accuracy matrix, config, how to load."""
+    base = getattr(config, "base_model_name_or_path", None)
+    metadata = ["---", "library_name: peft"]
+    if base:
+        metadata.append(f"base_model: {base}")
+    metadata += [
+        "tags:",
+        "- cmoe-adapters",
+        "- continual-learning",
+        "- mixture-of-experts",
+        "- lora",
+        "---",
+        "",
+    ]
+    tasks = list(getattr(config, "task_names", []))
+    name = repo_id or "cmoe-adapter"
+    lines = [f"# {name.split('/')[-1]}", ""]
+    lines.append(
+        "A continual mixture of LoRA experts trained with "
+        "[cmoe_adapters](https://pypi.org/project/cmoe-adapters/): one router per task in every "
+        "adapted layer, a task locator that picks each sample's task at inference."
+    )
+    lines.append("")
+    if tasks:
+        lines.append("Tasks, in the order they were learnt: " + " → ".join(f"`{t}`" for t in tasks) + ".")
+        if task:
+            lines.append(
+                f"This revision holds the state after task `{task}`; every task has a revision (tag) "
+                "of its own."
+            )
+        lines.append("")
+    if result is not None and result.accuracy_matrix:
+        lines += [
+            "## Accuracy",
+            "",
+            "Scores in %; rows: after training a task, columns: evaluated on a task, with tasks located",
+            "by the model (no task label given).",
+            "",
+            result.markdown(),
+        ]
+    lines += ["## Configuration", "", "| field | value |", "|---|---|"]
+    for field_name in (*_CONFIG_FIELDS, *_METHOD_FIELDS):
+        if hasattr(config, field_name):
+            lines.append(f"| `{field_name}` | `{getattr(config, field_name)}` |")
+    for record in getattr(config, "task_records", []):
+        expansion = record.get("expansion")
+        if expansion:
+            grown = f"{expansion.get('expanded')} of {expansion.get('layers')} layers"
+            lines.append(f"| expansion of `{record['name']}` | {grown} |")
+    revision = f', revision="{task}"' if task else ""
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import cmoe_adapters  # registers the method with peft",
+        "from peft import PeftModel",
+        "",
+        f'model = PeftModel.from_pretrained(base_model, "{name}"{revision})',
+        "model.generate(**inputs)                 # each sample's task is located",
+        f'model.generate(**inputs, task="{tasks[-1] if tasks else "<task>"}")  # or given',
+        "```",
+        "",
+    ]
+    return "\n".join(metadata + lines)
