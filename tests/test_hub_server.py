@@ -11,7 +11,7 @@ import huggingface_hub
 import peft
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     BadRequestError,
@@ -363,23 +363,10 @@ def test_snapshot_download_of_a_tag(hub_server: FakeHub, api: HfApi, pushed: str
     assert (local / "adapter_model.safetensors").read_bytes() == WEIGHTS
 
 
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_peft_loads_an_adapter_from_a_tag(hub_server: FakeHub, api: HfApi, tmp_path: Path) -> None:
     ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(_tiny_llama(), lora).eval()
+    model = peft.get_peft_model(tiny_llama(), lora).eval()
     with torch.no_grad():
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "color")
@@ -387,15 +374,15 @@ def test_peft_loads_an_adapter_from_a_tag(hub_server: FakeHub, api: HfApi, tmp_p
     api.upload_folder(folder_path=tmp_path / "color", repo_id=REPO, commit_message="color")
     api.create_tag(REPO, tag="color")
     torch.manual_seed(5)
-    peft.get_peft_model(_tiny_llama(), lora).save_pretrained(tmp_path / "shape")
+    peft.get_peft_model(tiny_llama(), lora).save_pretrained(tmp_path / "shape")
     api.upload_folder(folder_path=tmp_path / "shape", repo_id=REPO, commit_message="shape")  # main moves on
 
     loaded = peft.PeftModel.from_pretrained(
-        _tiny_llama(), REPO, revision="color", token=hub_server.token
+        tiny_llama(), REPO, revision="color", token=hub_server.token
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected)
     resolved = {r.path for r in hub_server.requests if "/resolve/" in r.path}
     assert f"/{REPO}/resolve/color/adapter_model.safetensors" in resolved
     with pytest.raises(RepositoryNotFoundError):
-        peft.PeftModel.from_pretrained(_tiny_llama(), REPO, revision="color", token=hub_server.other_token)
+        peft.PeftModel.from_pretrained(tiny_llama(), REPO, revision="color", token=hub_server.other_token)
