@@ -439,7 +439,8 @@ class ContinualMoEModel(BaseTuner):
 
     def _begin_forward(self, args: tuple, kwargs: dict, task: TaskSpec) -> None:
         """Decide the routing of one forward pass (or of one generate call, at its prefill)."""
-        resolved = self.resolve_task(task, self._batch_size(args, kwargs))
+        # a pass that stops at the locator's feature never routes: no task is needed for it
+        resolved = None if self._stop_at_feature else self.resolve_task(task, self._batch_size(args, kwargs))
         mask = kwargs.get("attention_mask")
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         locate = resolved is _LOCATE
