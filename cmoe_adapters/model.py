@@ -247,11 +247,10 @@ class ContinualMoEModel(BaseTuner):
         config = self._config
         if not config.task_records:
             raise ValueError("There is no task to remove.")
+        previous = len(config.task_records) - 2  # the task that becomes the newest again
         for layer in self._layers():
             layer.remove_last_task(adapter_name)
-            layer.set_trainable_task(
-                adapter_name, len(config.task_records) - 2 if len(config.task_records) > 1 else None
-            )
+            layer.set_trainable_task(adapter_name, previous if previous >= 0 else None)
         locator = self._locator
         if len(locator) == len(config.task_records):
             locator.vaes = torch.nn.ModuleList(list(locator.vaes)[:-1])

@@ -83,7 +83,7 @@ class Task:
 
 
 class _Subset:
-    """The first `size` records of a data set (enough for a probe phase)."""
+    """`size` records spread evenly over a data set (a probe phase needs a little of everything)."""
 
     def __init__(self, dataset: Any, size: int) -> None:
         self.dataset, self.size = dataset, min(size, len(dataset))
@@ -94,7 +94,7 @@ class _Subset:
     def __getitem__(self, index: int) -> Any:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        return self.dataset[index]
+        return self.dataset[index * len(self.dataset) // self.size]
 
 
 def _gather_objects(value: Any) -> list[Any]:
