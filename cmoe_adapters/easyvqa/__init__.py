@@ -4,9 +4,16 @@ Everything here runs offline on a laptop CPU: the data ships with the `easy_vqa`
 is built from config, and the pretrained base is made locally once (~1.5 min) and then cached.
 """
 
-from .collate import VQACollator
+from .collate import VQACollator, generate_answers
 from .pretrain import pretrained_base
 from .tasks import TASK_ORDER, load_task
 from .tiny_llava import build_tiny_llava
 
-__all__ = ["TASK_ORDER", "VQACollator", "build_tiny_llava", "load_task", "pretrained_base"]
+__all__ = [
+    "TASK_ORDER",
+    "VQACollator",
+    "build_tiny_llava",
+    "generate_answers",
+    "load_task",
+    "pretrained_base",
+]
