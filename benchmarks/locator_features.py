@@ -20,10 +20,12 @@ from cmoe_adapters.data import VisionLanguageCollator
 from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, pretrained_base
 
 CHOICES = [
+    ("first_layer_input", "text_image_mean"),
     ("first_layer_input", "mean"),
     ("first_layer_input", "last"),
     ("base_last_hidden", "last"),
     ("base_last_hidden", "mean"),
+    ("base_last_hidden", "text_image_mean"),
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from peft import PeftConfig
 
 from ._peft import CONTINUAL_MOE
+from .features import POOLINGS
 
 # A task name becomes a module-independent key, a directory name and a Hub revision (branch or tag),
 # so it must be a valid git ref component. These are the rules of `git check-ref-format` for one
@@ -74,7 +75,9 @@ class ContinualMoEConfig(PeftConfig):
             anyway (no extra cost; routing does not influence it yet). ``"base_last_hidden"``: the
             frozen base model's last hidden state (LLaVA-CMoE's choice), which costs one extra
             forward pass of the base model whenever tasks are located or features collected.
-        locator_pooling: ``"mean"`` over the prompt tokens (image tokens included) or the
+        locator_pooling: ``"text_image_mean"`` (default): the mean over the prompt's text tokens
+            next to the mean over its image tokens (a feature twice the hidden size), so neither the
+            question nor the image drowns the other; ``"mean"`` over all prompt tokens; or the
             ``"last"`` prompt token. Answer tokens are never used, in training or at inference.
         locator_latent_dim / locator_hidden_dim: size of each task's VAE.
         locator_steps / locator_lr / locator_batch_size: fitting of a task's VAE.
@@ -134,7 +137,10 @@ class ContinualMoEConfig(PeftConfig):
     locator_feature_source: str = field(
         default="first_layer_input", metadata={"help": "'first_layer_input' (free) or 'base_last_hidden'."}
     )
-    locator_pooling: str = field(default="mean", metadata={"help": "'mean' or 'last' prompt token."})
+    locator_pooling: str = field(
+        default="text_image_mean",
+        metadata={"help": "'text_image_mean', 'mean' (all prompt tokens) or 'last' prompt token."},
+    )
     locator_latent_dim: int = field(default=16, metadata={"help": "Latent size of each task's VAE."})
     locator_hidden_dim: int = field(default=128, metadata={"help": "Hidden size of each task's VAE."})
     locator_steps: int = field(default=600, metadata={"help": "Optimisation steps to fit a task's VAE."})
@@ -254,7 +260,7 @@ class ContinualMoEConfig(PeftConfig):
         choices = {
             "task_gate": ("usage", "learned"),
             "locator_feature_source": ("first_layer_input", "base_last_hidden"),
-            "locator_pooling": ("mean", "last"),
+            "locator_pooling": POOLINGS,
             "locator_score": ("elbo", "reconstruction"),
         }
         for attr, allowed in choices.items():

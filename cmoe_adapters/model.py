@@ -30,6 +30,7 @@ from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig, validate_task_name
 from .experts import ContinualMoELayer
+from .features import PromptMasks, image_token_ids, pool_features
 from .locator import FeatureBuffer, LocatorFit, TaskLocator
 from .routing import RoutingState
 
@@ -73,6 +74,7 @@ class ContinualMoEModel(BaseTuner):
             self._collect_into: FeatureBuffer | None = None
             self._feature_buffers: dict[str, FeatureBuffer] = {}
             self._default_task: str | None = None
+            self._image_token_ids: tuple[int, ...] | None = None
             self.cmoe_locator = nn.ModuleDict()
         self._install_task_keyword(model)
 
@@ -372,35 +374,13 @@ class ContinualMoEModel(BaseTuner):
                 return value.shape[0]
         return None
 
-    @staticmethod
-    def _prompt_mask(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-        """Prompt tokens (image tokens included): attended, and not a label to learn."""
-        mask = kwargs.get("attention_mask")
-        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
-            prompt = labels == -100
-            mask = prompt if mask is None or mask.shape != prompt.shape else mask & prompt
-        return mask
+    def _prompt_masks(self, kwargs: Mapping[str, Any]) -> PromptMasks:
+        if self._image_token_ids is None:
+            self._image_token_ids = image_token_ids(getattr(self.model, "config", None))
+        return PromptMasks.from_inputs(kwargs, self._image_token_ids)
 
-    def _pool(self, hidden: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
-        """One feature per sample: mean over, or last of, the prompt tokens of ``[B, N, d]``."""
-        hidden = hidden.detach().float()
-        if hidden.dim() != 3:
-            raise RuntimeError(
-                f"The locator feature needs [batch, tokens, features] inputs, got {tuple(hidden.shape)}."
-            )
-        if prompt_mask is None or prompt_mask.shape != hidden.shape[:2]:
-            prompt_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        prompt_mask = prompt_mask.to(hidden.device)
-        # a sample without prompt tokens (plain language-model training) is pooled over all tokens
-        prompt_mask = prompt_mask | ~prompt_mask.any(dim=1, keepdim=True)
-        if self._config.locator_pooling == "last":
-            positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(prompt_mask)
-            last = positions.masked_fill(~prompt_mask, -1).amax(dim=1).clamp_min(0)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = prompt_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    def _pool(self, hidden: torch.Tensor, masks: PromptMasks) -> torch.Tensor:
+        return pool_features(hidden, masks, self._config.locator_pooling)
 
     def _use_features(self, features: torch.Tensor, locate: bool) -> torch.Tensor | None:
         """Collect and/or locate with the features of this forward pass."""
@@ -414,14 +394,14 @@ class ContinualMoEModel(BaseTuner):
         scores = self._locator.calibrated_scores(features, config.locator_score)
         return scores.argmin(dim=-1)
 
-    def _feature_from_layer_input(
-        self, x: torch.Tensor, prompt_mask: torch.Tensor | None, locate: bool
-    ) -> None:
-        task = self._use_features(self._pool(x, prompt_mask), locate)
+    def _feature_from_layer_input(self, x: torch.Tensor, masks: PromptMasks, locate: bool) -> None:
+        task = self._use_features(self._pool(x, masks), locate)
         if task is not None:
             self._routing.task = task
 
-    def _feature_from_base_pass(self, args: tuple, kwargs: Mapping[str, Any], prompt_mask) -> torch.Tensor:
+    def _feature_from_base_pass(
+        self, args: tuple, kwargs: Mapping[str, Any], masks: PromptMasks
+    ) -> torch.Tensor:
         """The frozen base model's last hidden state: one extra forward pass (LLaVA-CMoE's feature)."""
         skip = {"labels", "past_key_values", "use_cache", "output_hidden_states", "return_dict"}
         skip.add("logits_to_keep")
@@ -434,7 +414,7 @@ class ContinualMoEModel(BaseTuner):
                 )
         finally:
             self._in_base_pass, self._routing.bypass = False, False
-        return self._pool(outputs.hidden_states[-1], prompt_mask)
+        return self._pool(outputs.hidden_states[-1], masks)
 
     def _begin_forward(self, args: tuple, kwargs: dict, task: TaskSpec) -> None:
         """Decide the routing of one forward pass (or of one generate call, at its prefill)."""
@@ -445,14 +425,12 @@ class ContinualMoEModel(BaseTuner):
         locate = resolved is _LOCATE
         hook = None
         if locate or self._collect_into is not None or self._stop_at_feature:
-            prompt_mask = self._prompt_mask(kwargs)
+            masks = self._prompt_masks(kwargs)
             if self._config.locator_feature_source == "base_last_hidden":
-                located = self._use_features(self._feature_from_base_pass(args, kwargs, prompt_mask), locate)
+                located = self._use_features(self._feature_from_base_pass(args, kwargs, masks), locate)
                 resolved = located if locate else resolved
             else:
-                hook = functools.partial(
-                    self._feature_from_layer_input, prompt_mask=prompt_mask, locate=locate
-                )
+                hook = functools.partial(self._feature_from_layer_input, masks=masks, locate=locate)
                 resolved = None if locate else resolved
         self._routing.reset(resolved, token_mask, hook)
 
