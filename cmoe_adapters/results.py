@@ -115,31 +115,40 @@ class ContinualResult:
 
     def save_heatmap(self, path: str, title: str = "accuracy after each task") -> bool:
         """A PNG heatmap of the accuracy matrix; returns False when matplotlib is not installed."""
-        try:
-            import matplotlib
+        return save_heatmaps({title: self}, path)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return False
-        size = len(self.tasks)
-        grid = [[float("nan")] * size for _ in range(size)]
-        for i, row in enumerate(self.accuracy_matrix):
+
+def save_heatmaps(results: dict[str, ContinualResult], path: str) -> bool:
+    """One heatmap per titled result, side by side in one PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    size = max(len(result.tasks) for result in results.values())
+    figure, all_axes = plt.subplots(
+        1, len(results), figsize=(len(results) * (1.2 * size + 2), 1.0 * size + 1.8), squeeze=False
+    )
+    for column, (axes, (title, result)) in enumerate(zip(all_axes[0], results.items(), strict=True)):
+        grid = [[float("nan")] * len(result.tasks) for _ in result.tasks]
+        for i, row in enumerate(result.accuracy_matrix):
             for j, value in enumerate(row):
                 grid[i][j] = float("nan") if value is None else 100 * value
-        figure, axes = plt.subplots(figsize=(1.2 * size + 2, 1.0 * size + 1.5))
         image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-        axes.set_xticks(range(size), self.tasks, rotation=45, ha="right")
-        axes.set_yticks(range(size), self.tasks)
+        axes.set_xticks(range(len(result.tasks)), result.tasks, rotation=45, ha="right")
+        axes.set_yticks(range(len(result.tasks)), result.tasks)
         axes.set_xlabel("evaluated on")
-        axes.set_ylabel("after training")
+        if column == 0:
+            axes.set_ylabel("after training")
         axes.set_title(title)
-        for i in range(size):
-            for j in range(size):
-                if grid[i][j] == grid[i][j]:  # not NaN
-                    axes.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", color="white")
-        figure.colorbar(image, ax=axes)
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return True
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:  # not NaN
+                    color = "black" if value > 60 else "white"  # readable on viridis' light end
+                    axes.text(j, i, f"{value:.0f}", ha="center", va="center", color=color)
+    figure.colorbar(image, ax=list(all_axes[0]))
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return True
