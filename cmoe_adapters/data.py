@@ -178,18 +178,35 @@ class VisionLanguageCollator:
     def _text_length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _answer_gap(self, messages: list[dict], prompt: str, answer: str) -> str:
+        """The whitespace the template puts between the generation prompt and the answer.
+
+        LLaVA-1.5's template ends the generation prompt with ``ASSISTANT:`` but renders answers as
+        ``ASSISTANT: blue``; learning ``ASSISTANT:blue`` would teach the model a tokenization it
+        never saw (``blue`` instead of ``▁blue``). ChatML templates (Qwen) have no gap.
+        """
+        full = self._render(messages, generation_prompt=False)
+        if not full.startswith(prompt) or answer not in full[len(prompt) :]:
+            return ""
+        rest = full[len(prompt) :]
+        gap = rest[: rest.index(answer)]
+        return gap if not gap.strip() else ""
+
     def _spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The full text and, in text tokens, the ``[start, end)`` spans of the assistant turns.
 
-        The last answer is appended to the generation prompt and closed with the end-of-sequence
-        token, exactly what generation produces; earlier answers span the template's own rendering.
+        The last answer is appended to the generation prompt (after the template's own gap, see
+        `_answer_gap`) and closed with the end-of-sequence token, exactly what generation produces;
+        earlier answers span the template's own rendering.
         """
         assistant = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
         if not assistant:
             return "", []
         last = assistant[-1]
         prompt = self._render(messages[:last], generation_prompt=True)
-        text = prompt + messages[last]["content"][-1]["text"] + (self.tokenizer.eos_token or "")
+        answer = messages[last]["content"][-1]["text"]
+        gap = self._answer_gap(messages[: last + 1], prompt, answer)
+        text = prompt + gap + answer + (self.tokenizer.eos_token or "")
         spans = [
             (
                 self._text_length(self._render(messages[:i], generation_prompt=True)),

@@ -105,3 +105,33 @@ def test_bad_files_and_records_are_named(image_root):
 def test_a_missing_image_at_collate_time_names_the_file(collator, tmp_path):
     with pytest.raises(DataError, match=r"gone\.png does not exist"):
         collator([{"image": str(tmp_path / "gone.png"), "question": "what?", "answer": "x"}])
+
+
+# The generation prompt ends in "assistant :", but the template renders answers as "assistant : red":
+# LLaVA-1.5's Vicuna format ("ASSISTANT:" / "ASSISTANT: red"). ChatML (Qwen) puts no gap there.
+_GAP_TEMPLATE = (
+    "{%- for m in messages -%}{{- m['role'] + ' : ' -}}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{{- '<image> ' -}}{%- else -%}{{- p['text'] + ' ' -}}{%- endif -%}"
+    "{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- 'assistant :' -}}{%- endif -%}"
+)
+_NO_GAP_TEMPLATE = (
+    "{%- for m in messages -%}{{- m['role'] + ' :\n' -}}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{{- '<image> ' -}}{%- else -%}{{- p['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{{- '\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant :\n' -}}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "learnt_text"), [(_GAP_TEMPLATE, " red</s>"), (_NO_GAP_TEMPLATE, "red</s>")]
+)
+def test_the_answer_follows_the_generation_prompt_as_the_template_renders_it(template, learnt_text):
+    processor = build_processor()
+    processor.chat_template = template
+    collator = VisionLanguageCollator(processor)
+    record = {"image": Image.new("RGB", (64, 64)), "question": "what color is it?", "answer": "red"}
+    messages = to_messages(record)
+    text, _ = collator._spans(messages)
+    prompt = collator._render(messages[:-1], generation_prompt=True)
+    assert text == prompt + learnt_text
+    assert learnt_tokens(collator, collator([record]), 0) == ["red", "</s>"]
