@@ -106,6 +106,8 @@ def _run_stream(
     """One pass over the stream through `ContinualMoETrainer`; returns its result, seconds, parameters."""
     from peft import get_peft_model
 
+    from transformers.trainer_callback import PrinterCallback
+
     from .data import VisionLanguageCollator
     from .trainer import ContinualMoETrainer, ContinualTrainingArguments
 
@@ -128,6 +130,8 @@ def _run_stream(
     trainer = ContinualMoETrainer(
         model=model, args=args, data_collator=VisionLanguageCollator(processor), processing_class=processor
     )
+    if not options.progress:  # quiet: the Trainer would print every log dict instead of its bars
+        trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "cmoe_" in n)
