@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import ContinualMoEConfig
-from .routing import RoutingState, TaskRouters, gates_from_logits, load_balancing_loss, top_k_assignments
+from .routing import RoutingState, TaskRouters, balancing_loss, route
 
 
 class LoRAExperts(nn.Module):
@@ -320,7 +320,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
             hidden = F.linear(dropout(x), expert_a)
 
         top_k = self.top_k[adapter_name]
-        gates = gates_from_logits(logits, top_k)
+        routed = route(logits, top_k)
+        gates = routed.gates
         beta = self.dual_router_beta[adapter_name]
         if beta is not None:
             gates = self._mix_task_gates(
@@ -330,11 +331,13 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
             mask = None
         if self.training and torch.is_grad_enabled() and self.routing.collect_aux_loss:
-            self.routing.aux_losses.append(load_balancing_loss(logits, top_k, mask))
+            self.routing.aux_losses.append(balancing_loss(routed, mask))
         if self.routing.track_usage and per_sample is None:
-            self._count_usage(adapter_name, logits, top_k, mask)
-        hidden = rearrange(hidden, "... (e r) -> ... e r", r=r) * gates.unsqueeze(-1).to(hidden.dtype)
-        return (rearrange(hidden, "... e r -> ... (e r)") @ expert_b) * self.scaling[adapter_name]
+            self._count_usage(adapter_name, routed.assigned, mask)
+        # the LoRA scaling rides on the [tokens, E] gates rather than on the [tokens, d_out] output
+        gates = (gates * self.scaling[adapter_name]).to(hidden.dtype)
+        hidden = rearrange(hidden, "... (e r) -> ... e r", r=r) * gates.unsqueeze(-1)
+        return rearrange(hidden, "... e r -> ... (e r)") @ expert_b
 
     @staticmethod
     def _mix_task_gates(gates, routers: TaskRouters, beta: float, task, present, inverse) -> torch.Tensor:
@@ -346,8 +349,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         weight = torch.where(has_gate, beta, 1.0)[inverse][:, None, None].to(gates.dtype)
         return weight * gates + (1 - weight) * task_gates[inverse][:, None, :].to(gates.dtype)
 
-    def _count_usage(self, adapter_name: str, logits: torch.Tensor, top_k: int | None, mask) -> None:
-        assigned = top_k_assignments(logits.detach(), top_k)
+    def _count_usage(self, adapter_name: str, assigned: torch.Tensor, mask) -> None:
         if mask is not None:
             assigned = assigned * mask.unsqueeze(-1).to(assigned.dtype)
         counts = assigned.reshape(-1, assigned.shape[-1]).sum(0).double()

@@ -144,51 +144,72 @@ class TaskRouters(nn.Module):
         return torch.stack(gates), torch.tensor(present, device=gates[0].device)
 
 
-def top_k_assignments(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """One-hot ``[..., E]`` of the experts each token is routed to (top-1 when dense)."""
-    k = 1 if top_k is None else min(top_k, logits.shape[-1])
-    return torch.zeros_like(logits, dtype=torch.float32).scatter(-1, logits.topk(k, dim=-1).indices, 1.0)
+@dataclass
+class Routed:
+    """One router decision for every token: probabilities, mixture weights and chosen experts.
 
-
-def gates_from_logits(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """Mixture weights per token, zeros outside the chosen experts.
-
-    ``top_k >= 2``: softmax over the top-k logits (Mixtral). ``top_k == 1``: the chosen expert's
-    probability under the softmax over *all* experts (Switch) -- renormalising a single expert would
-    make its gate exactly 1 and leave the router without gradient. ``top_k=None`` (or
-    ``top_k >= E``): the dense softmax. A layer with a single expert always gets weight exactly 1.
+    Computed once per layer and shared by the mixture, the balancing loss and the usage counts,
+    so the router's softmax and top-k run once (on tiny models these small ops are a visible
+    share of a step).
     """
-    num_experts = logits.shape[-1]
+
+    probs: torch.Tensor  # softmax over all of the task's experts, fp32, [..., E]
+    gates: torch.Tensor  # mixture weights, zeros outside the chosen experts, [..., E]
+    assigned: torch.Tensor  # one-hot of the chosen experts (top-1 when dense), fp32, [..., E]
+    k: int  # experts chosen per token in `assigned`
+
+
+def route(logits: torch.Tensor, top_k: int | None) -> Routed:
+    """Gates per token from router logits.
+
+    ``top_k >= 2``: softmax over the top-k logits (Mixtral; equal to the renormalised top-k
+    probabilities). ``top_k == 1``: the chosen expert's probability under the softmax over *all*
+    experts (Switch) -- renormalising a single expert would make its gate exactly 1 and leave the
+    router without gradient. ``top_k=None`` (or ``top_k >= E``): the dense softmax. A layer with a
+    single expert always gets weight exactly 1.
+    """
+    probs = logits.float().softmax(dim=-1)
+    num_experts = probs.shape[-1]
     if top_k is None or top_k >= num_experts:
-        return logits.softmax(dim=-1)
-    if top_k == 1:
-        probs = logits.softmax(dim=-1)
-        value, index = probs.max(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, index, value)
-    top_values, top_indices = logits.topk(top_k, dim=-1)
-    return torch.zeros_like(logits).scatter(-1, top_indices, top_values.softmax(dim=-1))
+        chosen = probs.argmax(dim=-1, keepdim=True)
+        gates, k = probs, 1
+    else:
+        values, chosen = probs.topk(top_k, dim=-1)
+        if top_k > 1:
+            values = values / values.sum(dim=-1, keepdim=True)
+        gates, k = torch.zeros_like(probs).scatter(-1, chosen, values), top_k
+    assigned = torch.zeros_like(probs).scatter(-1, chosen.detach(), 1.0)
+    return Routed(probs, gates, assigned, k)
 
 
-def load_balancing_loss(
-    logits: torch.Tensor, top_k: int | None, token_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def balancing_loss(routed: Routed, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral auxiliary loss ``E * sum_e f_e * P_e`` for one layer (1.0 when balanced).
 
     ``f_e`` is the fraction of (token, slot) assignments that go to expert ``e`` under top-k (top-1
     when routing is dense), ``P_e`` the mean router probability of ``e``. Padding tokens
     (``token_mask == False``) are left out.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    num_experts = logits.shape[-1]
-    k = 1 if top_k is None else min(top_k, num_experts)
-    probs = logits.softmax(dim=-1)
-    assigned = top_k_assignments(logits, top_k)
+    num_experts = routed.probs.shape[-1]
+    probs = routed.probs.reshape(-1, num_experts)
+    assigned = routed.assigned.reshape(-1, num_experts)
     if token_mask is not None:
         weights = token_mask.reshape(-1, 1).to(probs.dtype)
         total = weights.sum().clamp_min(1.0)
-        fraction = (assigned * weights).sum(0) / (total * k)
+        fraction = (assigned * weights).sum(0) / (total * routed.k)
         mean_prob = (probs * weights).sum(0) / total
     else:
-        fraction = assigned.mean(0) / k
+        fraction = assigned.mean(0) / routed.k
         mean_prob = probs.mean(0)
     return num_experts * (fraction * mean_prob).sum()
+
+
+def gates_from_logits(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Mixture weights per token (see `route`)."""
+    return route(logits, top_k).gates
+
+
+def load_balancing_loss(
+    logits: torch.Tensor, top_k: int | None, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The balancing loss of one layer's router logits (see `balancing_loss`)."""
+    return balancing_loss(route(logits, top_k), token_mask)
