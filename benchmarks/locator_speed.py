@@ -22,17 +22,19 @@ from cmoe_adapters.data import VisionLanguageCollator
 from cmoe_adapters.easyvqa import build_tiny_llava
 
 
-def model_with_tasks(count: int):
+def model_with_tasks(count: int, batch: int):
+    """The tiny LLaVA with `count` tasks, each with a fitted locator, and a generation batch."""
     base, processor = build_tiny_llava(seed=0)
     config = ContinualMoEConfig(r=8, num_experts=4, top_k=2, experts_per_task=0, locator_steps=20)
     model = get_peft_model(base.eval(), config)
+    records = [{"image": Image.new("RGB", (64, 64), "red"), "question": "what color is the shape?"}] * batch
+    inputs = VisionLanguageCollator(processor).generation_inputs(records)
+    feature_dim = model.locator_features(**inputs).shape[1]  # the real feature's size
     generator = torch.Generator().manual_seed(0)
     for index in range(count):
         model.add_task(f"task{index}")
-        model.fit_locator(
-            features=torch.randn(64, base.config.text_config.hidden_size, generator=generator) + index
-        )
-    return model.eval(), processor
+        model.fit_locator(features=torch.randn(64, feature_dim, generator=generator) + index)
+    return model.eval(), inputs
 
 
 def seconds(model, inputs: dict, settings: dict, task: str | None) -> float:
@@ -66,11 +68,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
     for count in (1, 4, 16):
-        model, processor = model_with_tasks(count)
-        records = [
-            {"image": Image.new("RGB", (64, 64), "red"), "question": "what color is the shape?"}
-        ] * args.batch
-        inputs = VisionLanguageCollator(processor).generation_inputs(records)
+        model, inputs = model_with_tasks(count, args.batch)
         with torch.no_grad():
             given, located = measure(model, inputs, settings, args.repeats)
         print(f"| {count} | {given * 1e3:.1f} | {located * 1e3:.1f} | {100 * (located / given - 1):+.1f}% |")
