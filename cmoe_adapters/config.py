@@ -14,6 +14,7 @@ from typing import Any
 
 from peft import PeftConfig
 
+from . import shards
 from ._peft import CONTINUAL_MOE
 from .features import POOLINGS
 
@@ -178,6 +179,28 @@ class ContinualMoEConfig(PeftConfig):
         if self.experts_per_task is None:
             self.experts_per_task = self.num_experts
         self._validate()
+
+    # -- saving and loading (see shards.py) -------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``; inside `PeftModel.save_pretrained`, also split the weights.
+
+        peft calls this right after writing ``adapter_model.safetensors`` to the same directory (and
+        passes ``auto_mapping_dict``): the finished tasks' tensors then move to per-task shard files.
+        """
+        called_by_peft_model = "auto_mapping_dict" in kwargs
+        super().save_pretrained(save_directory, **kwargs)
+        if called_by_peft_model:
+            shards.write_layout(save_directory, self)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> ContinualMoEConfig:
+        """peft's loading, plus where it was loaded from, so that loading finds the task shards."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        shards.remember_source(config, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return config
 
     # -- validation -------------------------------------------------------------------------------
 

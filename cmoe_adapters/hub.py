@@ -1,12 +1,14 @@
 """Pushing every finished task to the Hugging Face Hub, and the model card.
 
 Each task's state is one commit holding the PEFT adapter (``adapter_config.json``,
-``adapter_model.safetensors``) and a model card, tagged with the task's name, so that
+``adapter_model.safetensors``, one ``cmoe_task-*.safetensors`` shard per finished task, see
+shards.py) and a model card, tagged with the task's name, so that
 ``PeftModel.from_pretrained(base, repo_id, revision="<task>")`` gives back exactly the state after
 that task. The main branch (or ``hub_revision``) always holds the latest state. A push that fails
 never touches the local save: the task is recorded as pending and pushed later; a pending task
 that is older than the latest one is committed on a temporary side branch, so main never moves
-back in time.
+back in time. Unchanged files (the shards of older tasks) are not uploaded again, and shards that
+the pushed state does not have are deleted in the same commit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from .results import ContinualResult, write_atomically
+from .shards import SHARD_GLOB
 
 PENDING_FILE = "hub_pending.json"
 _CONFIG_FIELDS = ("r", "lora_alpha", "num_experts", "top_k", "experts_per_task", "router_aux_loss_coef")
@@ -55,14 +58,22 @@ class HubTarget:
         message = f"State after task '{task}'"
         if latest:
             commit = api.upload_folder(
-                repo_id=self.repo_id, folder_path=folder, revision=self.branch, commit_message=message
+                repo_id=self.repo_id,
+                folder_path=folder,
+                revision=self.branch,
+                commit_message=message,
+                delete_patterns=SHARD_GLOB,
             ).oid
         else:  # an older task retried after a newer one landed: keep main where it is
             side = f"cmoe-pending-{task}"
             api.create_branch(self.repo_id, branch=side, revision=self.branch, exist_ok=True)
             try:
                 commit = api.upload_folder(
-                    repo_id=self.repo_id, folder_path=folder, revision=side, commit_message=message
+                    repo_id=self.repo_id,
+                    folder_path=folder,
+                    revision=side,
+                    commit_message=message,
+                    delete_patterns=SHARD_GLOB,
                 ).oid
             finally:
                 api.delete_branch(self.repo_id, branch=side)

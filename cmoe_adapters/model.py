@@ -26,6 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
 from torch import nn
 
+from . import shards
 from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig, validate_task_name
@@ -158,6 +159,16 @@ class ContinualMoEModel(BaseTuner):
             if "." not in attribute:
                 return f"{head}{PREFIX}{attribute}.{rest}"
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: ContinualMoEConfig, adapter_name: str, state_dict: dict
+    ) -> dict:
+        """Add the finished tasks' shard files to what peft read from ``adapter_model.safetensors``."""
+        state_dict = shards.gather(model, config, adapter_name, state_dict)
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
@@ -300,7 +311,8 @@ class ContinualMoEModel(BaseTuner):
     def replay_tasks(self, saved: ContinualMoEConfig) -> None:
         """Grow this model to the task structure of a saved config whose tasks extend ours.
 
-        Used to resume: the weights can then be loaded with ``PeftModel.load_adapter``.
+        Used to resume: the weights can then be loaded with ``PeftModel.load_adapter``, after
+        ``shards.remember_source(config, path)`` tells it where the finished tasks' shards are.
         """
         saved_names = saved.task_names
         if saved_names[: len(self.tasks)] != self.tasks:

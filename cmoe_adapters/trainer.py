@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from . import expansion, hub, momentum
+from . import expansion, hub, momentum, shards
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .locator import FeatureBuffer
@@ -435,6 +435,7 @@ class ContinualMoETrainer(Trainer):
         cmoe = self.continual_model
         if cmoe is not None:
             cmoe.replay_tasks(PeftConfig.from_pretrained(last))
+            shards.remember_source(cmoe._config, last)  # the finished tasks' shard files are there
         self.model.load_adapter(last, adapter_name=self.model.active_adapter, is_trainable=True)
         self.result = saved
         by_name = {task.name: task for task in tasks}

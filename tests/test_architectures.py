@@ -53,7 +53,12 @@ def test_architecture_end_to_end(arch, tmp_path):
     assert generated.shape[0] == 2 and generated.shape[1] >= 3
 
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "cmoe_task-000-first.safetensors",  # the finished task's frozen tensors (shards.py)
+    ]
     reloaded = PeftModel.from_pretrained(build_tiny_vlm(arch).model, tmp_path)
     assert reloaded.tasks == ["first", "second"]
     for task, expected in logits.items():

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
-from synthetic_stream import moe_model, records, stream, trainer_for
+from synthetic_stream import TASKS, moe_model, records, stream, trainer_for
 
 from cmoe_adapters.hub import PENDING_FILE, read_pending
 
@@ -129,3 +129,59 @@ def test_pushing_again_uploads_nothing_that_did_not_change(tmp_path, hub_server)
     write_pending(out, ["low"])
     assert trainer.push_pending() == []
     assert hub_server.bytes_received == received and len(hub_server.commits) == commits
+
+
+def assert_same_outputs(model, other, ids) -> None:
+    for name in model.tasks:
+        assert torch.equal(model(input_ids=ids, task=name).logits, other(input_ids=ids, task=name).logits)
+    if len(model.tasks) > 1:
+        assert torch.equal(model.task_probabilities(input_ids=ids), other.task_probabilities(input_ids=ids))
+
+
+def test_each_push_sends_only_what_changed_and_every_revision_loads_exactly(tmp_path, hub_server):
+    trainer = hub_trainer(tmp_path, hub_server)
+    trainer.train_tasks(stream(train=32, evaluate=8))
+    repo = hub_server.repo(REPO)
+    pushes = [commit for commit in hub_server.commits if commit.message.startswith("State after task")]
+    assert [commit.message for commit in pushes] == [f"State after task '{t}'" for t in TASKS]
+    changed = {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    # a push sends the main file, the shard of the task that just became old, the config and the card
+    assert set(pushes[0].files) == changed
+    assert set(pushes[1].files) == changed | {"cmoe_task-000-low.safetensors"}
+    assert set(pushes[2].files) == changed | {"cmoe_task-001-mid.safetensors"}
+    assert all(not commit.deleted for commit in pushes)
+
+    ids = probe_ids()
+    for task, older in [("low", []), ("mid", ["low"]), ("high", ["low", "mid"])]:
+        files = repo.files(task)
+        assert sorted(name for name in files if name.startswith("cmoe_task-")) == [
+            f"cmoe_task-{i:03d}-{name}.safetensors" for i, name in enumerate(older)
+        ]
+        local = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out" / task)
+        pulled = PeftModel.from_pretrained(tiny_llama(), REPO, revision=task, token=hub_server.token)
+        assert pulled.tasks == local.tasks == [*older, task]
+        assert_same_outputs(pulled, local, ids)
+        # the same through load_adapter under another adapter name
+        local.load_adapter(REPO, adapter_name="pulled", revision=task, token=hub_server.token)
+        local.set_adapter("pulled")
+        assert_same_outputs(pulled, local, ids)
+
+
+def test_pushing_an_older_state_over_a_newer_one_drops_the_newer_shards(tmp_path, hub_server):
+    from cmoe_adapters.hub import HubTarget
+
+    model = moe_model()
+    target = HubTarget(REPO, token=hub_server.token)
+    target.ensure_repo()
+    for task in ("low", "mid", "high"):
+        model.add_task(task)
+        model.save_pretrained(tmp_path / task)
+    target.push_task(str(tmp_path / "high"), "high", latest=True)
+    target.push_task(str(tmp_path / "mid"), "mid", latest=False)  # on a side branch made from main
+    repo = hub_server.repo(REPO)
+    assert "cmoe_task-001-mid.safetensors" in repo.files("high")
+    assert sorted(name for name in repo.files("mid") if name.startswith("cmoe_task-")) == [
+        "cmoe_task-000-low.safetensors"
+    ]
+    pulled = PeftModel.from_pretrained(tiny_llama(), REPO, revision="mid", token=hub_server.token)
+    assert pulled.tasks == ["low", "mid"]
