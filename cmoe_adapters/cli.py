@@ -1,0 +1,625 @@
+"""The ``cmoe`` command line: real runs from a YAML run file, without writing a script.
+
+``cmoe train RUN.yaml`` trains a stream of tasks with `ContinualMoETrainer`; ``cmoe eval`` scores a
+trained adapter on the run file's eval sets, with every task located; ``cmoe locate`` says which
+task the adapter's locator picks for each record of a data file; ``cmoe push`` pushes a finished
+output directory to the Hub, one tagged commit per task; ``cmoe demo`` runs the embedded CPU demo.
+
+The run file is validated completely (see `run_config`) and the data files are read and checked
+before any model is loaded, so a typo costs seconds, not the time it takes to load a 7B model.
+
+Exit codes: 0 done; 1 the command ran but some of its work failed (a push that is still pending);
+2 the input is wrong (usage, run file, data file, adapter or output directory); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .config import ContinualMoEConfig
+from .data import (
+    DataError,
+    VisionLanguageCollator,
+    _read_json_records,
+    load_coin_test_records,
+    load_llava_records,
+)
+from .run_config import ConfigError, RunConfig, load_run_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CommandError(Exception):
+    """A problem with what the user gave; printed without a traceback, exit code 2."""
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def detect_format(path: str) -> str:
+    """``"llava"`` (conversations) or ``"coin"`` (``text`` + ``answer``), from the file's first record."""
+    records = _read_json_records(path)
+    if not records:
+        raise DataError(f"{path}: the file holds no records.")
+    first = records[0]
+    if isinstance(first, dict) and "conversations" in first:
+        return "llava"
+    if isinstance(first, dict) and {"text", "answer"} <= set(first):
+        return "coin"
+    keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+    raise DataError(
+        f"{path}: record 0 ({keys}) is neither LLaVA ('conversations') nor CoIN ('text', 'answer'): "
+        "set the format explicitly."
+    )
+
+
+def load_records(
+    path: str, fmt: str = "auto", image_root: str | None = None, *, evaluation: bool = False
+) -> tuple[list[dict[str, Any]], str]:
+    """Records of a data file and the format read; images resolve against `image_root`.
+
+    Without `image_root`, relative image paths resolve against the data file's directory. For
+    evaluation, LLaVA conversations get an ``answer`` (their last assistant turn) to score against.
+    """
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    if fmt == "llava":
+        records = load_llava_records(path, image_root=root)
+        if evaluation:
+            records = [{**r, "answer": r["conversations"][-1]["value"]} for r in records]
+    else:
+        records = load_coin_test_records(path, image_root=root)
+    if not records:
+        raise DataError(f"{path}: the file holds no records.")
+    return records, fmt
+
+
+def _task_data(config: RunConfig, purpose: str) -> dict[str, dict[str, Any]]:
+    """``{task: {"train": records, "eval": records, "train_format": .., "eval_format": ..}}``."""
+    loaded: dict[str, dict[str, Any]] = {}
+    for spec in config.tasks:
+        entry: dict[str, Any] = {"train": None, "eval": None}
+        kinds = ("train", "eval") if purpose == "train" else ("eval",)
+        for kind in kinds:
+            path = getattr(spec, kind)
+            if path is None:
+                continue
+            records, fmt = load_records(
+                path, getattr(spec, f"{kind}_format"), spec.image_root, evaluation=kind == "eval"
+            )
+            entry[kind], entry[f"{kind}_format"] = records, fmt
+        loaded[spec.name] = entry
+    return loaded
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def load_base_model(
+    name: str,
+    model_class: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> tuple[Any, Any]:
+    """The base model and its processor (``model_class="auto"``: AutoModelForImageTextToText)."""
+    import torch
+    import transformers
+
+    cls = (
+        transformers.AutoModelForImageTextToText
+        if model_class == "auto"
+        else getattr(transformers, model_class)
+    )
+    options: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "token": token}
+    try:
+        model = cls.from_pretrained(
+            name, dtype="auto" if dtype == "auto" else getattr(torch, dtype), **options
+        )
+        processor = transformers.AutoProcessor.from_pretrained(name, **options)
+    except Exception as error:  # not found, gated, no weights, unknown architecture: all the user's to fix
+        raise CommandError(f"cannot load the model {name!r}: {type(error).__name__}: {error}") from error
+    return model, processor
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether `name` can only mean a local path (a Hub id is ``name`` or ``owner/name``)."""
+    head = name.split("/")[0]
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (head != name and os.path.isdir(head))
+
+
+def adapter_config(adapter: str, revision: str | None, token: str | None) -> ContinualMoEConfig:
+    """The adapter's saved config, read before any model loads (a wrong path fails in a second)."""
+    from peft import PeftConfig
+
+    where = f"{adapter}@{revision}" if revision else adapter
+    if not os.path.exists(adapter) and looks_like_a_path(adapter):
+        raise CommandError(f"the adapter directory {os.path.abspath(adapter)} does not exist.")
+    try:
+        config = PeftConfig.from_pretrained(adapter, revision=revision, token=token)
+    except Exception as error:  # no such directory or repo, no adapter_config.json, no access
+        raise CommandError(f"cannot read the adapter {where!r}: {type(error).__name__}: {error}") from error
+    if not isinstance(config, ContinualMoEConfig):
+        raise CommandError(f"{where} is a {config.peft_type} adapter, not a cmoe_adapters one.")
+    return config
+
+
+def _load_adapter(base: Any, adapter: str, revision: str | None, token: str | None) -> Any:
+    """The trained continual adapter on `base`, in inference mode."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, adapter, revision=revision, token=token)
+    except Exception as error:
+        where = f"{adapter}@{revision}" if revision else adapter
+        raise CommandError(f"cannot load the adapter {where!r}: {type(error).__name__}: {error}") from error
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice != "auto":
+        return choice
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _batches(records: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(records), size):
+        yield list(records[start : start + size])
+
+
+def _locate(
+    model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int, probabilities: bool
+) -> tuple[list[str], list[list[float]]]:
+    """The located task of every record (and ``p(task | record)`` rows with `probabilities`)."""
+    import torch
+
+    device = next(model.parameters()).device
+    tasks: list[str] = []
+    rows: list[list[float]] = []
+    with torch.no_grad():
+        for batch in _batches(records, batch_size):
+            inputs = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in collator.generation_inputs(batch).items()
+            }
+            if probabilities:
+                p = model.task_probabilities(**inputs).float().cpu()
+                rows += p.tolist()
+                tasks += [model.tasks[i] for i in p.argmax(-1).tolist()]
+            else:
+                tasks += model.locate_tasks(**inputs)
+    return tasks, rows
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def _check_output_dir(config: RunConfig, resume: bool) -> list[str]:
+    """Finished tasks already in output_dir; refuse to overwrite them without --resume."""
+    from .results import RESULTS_JSON, ContinualResult
+
+    root = config.output_dir
+    if not root or not os.path.isfile(os.path.join(root, RESULTS_JSON)):
+        return []
+    finished = ContinualResult.load(root).tasks
+    if not finished:
+        return []
+    names = [task.name for task in config.tasks]
+    if not resume:
+        raise CommandError(
+            f"{root} already holds finished tasks {finished}: pass --resume to continue the stream, "
+            "or choose another training.output_dir."
+        )
+    if names[: len(finished)] != finished:
+        raise CommandError(
+            f"{root} holds tasks {finished}, which do not start this run's stream {names}: use the same "
+            "task order or another training.output_dir."
+        )
+    return finished
+
+
+def _plan(config: RunConfig, data: dict[str, dict[str, Any]], finished: Sequence[str]) -> str:
+    """The resolved run, as the dry run prints it."""
+    adapter = config.adapter_config()
+    where = "local directory" if config.model_is_local else "Hub"
+    lines = [
+        f"run file  {config.path}",
+        f"model     {config.model} ({where}; class {config.model_class}; dtype {config.dtype}"
+        + (f"; revision {config.model_revision}" if config.model_revision else "")
+        + ")",
+        f"adapter   {'preset ' + config.preset if config.preset else 'ContinualMoEConfig'}: "
+        + ", ".join(
+            f"{name}={getattr(adapter, name)}"
+            for name in ("r", "lora_alpha", "num_experts", "top_k", "experts_per_task")
+        ),
+        "          "
+        + ", ".join(
+            f"{name}={getattr(adapter, name)}"
+            for name in (
+                "expansion",
+                "dual_router",
+                "momentum_merge",
+                "freeze_old_experts",
+                "locator_feature_source",
+            )
+        ),
+        "training  " + ", ".join(f"{k}={v}" for k, v in config.training.items()),
+        f"tasks     {len(config.tasks)}, in this order:",
+    ]
+    for index, spec in enumerate(config.tasks, 1):
+        entry = data[spec.name]
+        parts = []
+        for kind in ("train", "eval"):
+            if entry.get(kind) is not None:
+                parts.append(
+                    f"{kind} {len(entry[kind])} {entry[f'{kind}_format']} records ({getattr(spec, kind)})"
+                )
+        state = "  [finished, restored on --resume]" if spec.name in finished else ""
+        lines.append(f"  {index}. {spec.name}{state}")
+        lines += [f"       {part}" for part in parts or ["no data"]]
+    out = config.output_dir
+    lines.append(f"output    {out}/<task> after each task, {out}/results.json|md")
+    if config.training.get("push_to_hub"):
+        lines.append(
+            f"hub       push every task to {config.training.get('hub_model_id') or os.path.basename(out)}"
+        )
+    lines.append("dry run: the run file and the data files are valid; no model was loaded.")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_run_config(args.config, "train", hardware_checks=not args.dry_run)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    resume = bool(args.resume)
+    finished = _check_output_dir(config, resume)
+    data = _task_data(config, "train")
+    if args.dry_run:
+        print(_plan(config, data, finished))
+        return EXIT_OK
+
+    from peft import get_peft_model
+
+    from . import hub
+    from .trainer import ContinualMoETrainer, Task
+
+    base, processor = load_base_model(
+        config.model, config.model_class, config.dtype, config.model_revision, config.trust_remote_code
+    )
+    collator = VisionLanguageCollator(processor, max_length=config.max_length)
+    model = get_peft_model(base, config.adapter_config())
+    trainer = ContinualMoETrainer(
+        model=model,
+        args=config.training_arguments(),
+        data_collator=collator,
+        processing_class=processor,
+    )
+    tasks = [Task(spec.name, data[spec.name]["train"], data[spec.name]["eval"]) for spec in config.tasks]
+    result = trainer.train_tasks(tasks, resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        print("\n" + result.markdown())
+        print(f"adapters and results in {config.output_dir}")
+    pending = hub.read_pending(config.output_dir) if trainer.hub_target is not None else []
+    if pending:
+        print(
+            f"pushes of {pending} are pending: retry with `cmoe push {config.output_dir} --hub-model-id "
+            f"{trainer.hub_target.repo_id} --pending`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import exact_match_accuracy
+    from .metrics import confusion_matrix, locator_accuracy
+
+    config = load_run_config(args.config, "eval")
+    data = _task_data(config, "eval")
+    trained_on = adapter_config(args.adapter, args.revision, args.token).base_model_name_or_path
+    if trained_on and trained_on != config.model:
+        print(
+            f"note: the adapter was trained on {trained_on}, the run file names {config.model}",
+            file=sys.stderr,
+        )
+    base, processor = load_base_model(
+        config.model,
+        config.model_class,
+        config.dtype,
+        config.model_revision,
+        config.trust_remote_code,
+        args.token,
+    )
+    model = _load_adapter(base, args.adapter, args.revision, args.token)
+    model.to(_device(args.device)).eval()
+    known = list(model.tasks)
+    skipped = {}
+    for spec in config.tasks:
+        if spec.name not in known:
+            skipped[spec.name] = "the adapter has not learnt it"
+        elif data[spec.name]["eval"] is None:
+            skipped[spec.name] = "no eval file"
+    evaluated = [spec.name for spec in config.tasks if spec.name not in skipped]
+    if not evaluated:
+        raise CommandError(
+            f"no task of {args.config} can be evaluated: {skipped}; the adapter knows {known}."
+        )
+
+    collator = VisionLanguageCollator(processor, max_length=config.max_length)
+    decode = getattr(processor, "batch_decode", None) or processor.tokenizer.batch_decode
+    oracle = args.oracle or bool(config.training.get("eval_oracle"))
+    generation = {"batch_size": config.eval_batch_size, "max_new_tokens": config.eval_max_new_tokens}
+    accuracy: dict[str, float] = {}
+    oracle_accuracy: dict[str, float] = {}
+    truth: list[str] = []
+    located: list[str] = []
+    for name in evaluated:
+        records = data[name]["eval"]
+
+        def decoded(tokens: Any) -> list[str]:
+            return decode(tokens, skip_special_tokens=True)
+
+        accuracy[name] = exact_match_accuracy(model, records, collator, decoded, **generation)
+        if oracle:
+            oracle_accuracy[name] = exact_match_accuracy(
+                model, records, collator, decoded, task=name, **generation
+            )
+        tasks, _ = _locate(model, collator, records, config.eval_batch_size, probabilities=False)
+        truth += [name] * len(tasks)
+        located += tasks
+    confusion = confusion_matrix(truth, located, known)
+    per_task_locator = {
+        name: confusion[known.index(name)][known.index(name)] / max(1, sum(confusion[known.index(name)]))
+        for name in evaluated
+    }
+    average = sum(accuracy.values()) / len(accuracy)
+    report = {
+        "adapter": args.adapter,
+        "revision": args.revision,
+        "model": config.model,
+        "tasks": evaluated,
+        "accuracy": [accuracy[name] for name in evaluated],
+        "average": average,
+        "oracle_accuracy": [oracle_accuracy[name] for name in evaluated] if oracle else None,
+        "oracle_average": sum(oracle_accuracy.values()) / len(oracle_accuracy) if oracle else None,
+        "locator_accuracy": locator_accuracy(confusion),
+        "locator_accuracy_per_task": [per_task_locator[name] for name in evaluated],
+        "locator_confusion": {"tasks": known, "counts": confusion},
+        "skipped": skipped,
+    }
+
+    width = max(len("average"), *map(len, evaluated))
+    header = f"{'task':<{width}}  located" + ("   oracle" if oracle else "") + "  locator"
+    lines = [header]
+    for name in evaluated:
+        cells = f"{_percent(accuracy[name]):>7}" + (
+            f"  {_percent(oracle_accuracy[name]):>7}" if oracle else ""
+        )
+        lines.append(f"{name:<{width}}  {cells}  {_percent(per_task_locator[name]):>7}")
+    cells = f"{_percent(average):>7}" + (f"  {_percent(report['oracle_average']):>7}" if oracle else "")
+    lines.append(f"{'average':<{width}}  {cells}  {_percent(report['locator_accuracy']):>7}")
+    print(f"accuracy in % on {len(truth)} records, tasks located by the adapter ({args.adapter}):")
+    print("\n".join(lines))
+    print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    if args.output:
+        from .results import write_atomically
+
+        write_atomically(args.output, json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+# -- locate ----------------------------------------------------------------------------------------
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        raise CommandError(f"--image-root: directory not found: {args.image_root}")
+    records, _ = load_records(args.data, args.format, args.image_root, evaluation=False)
+    saved = adapter_config(args.adapter, args.revision, args.token)
+    model_name = args.model or saved.base_model_name_or_path
+    if not model_name:
+        raise CommandError(f"{args.adapter} does not name its base model: pass --model.")
+    base, processor = load_base_model(model_name, args.model_class, args.dtype, token=args.token)
+    model = _load_adapter(base, args.adapter, args.revision, args.token)
+    model.to(_device(args.device)).eval()
+    collator = VisionLanguageCollator(processor)
+    tasks, rows = _locate(model, collator, records, args.batch_size, probabilities=args.probabilities)
+    if args.summary:
+        counts = Counter(tasks)
+        print(f"{len(tasks)} records of {args.data}, located by {args.adapter}:")
+        for name in model.tasks:
+            print(f"  {name}: {counts.get(name, 0)} ({_percent(counts.get(name, 0) / len(tasks))}%)")
+        return EXIT_OK
+    for index, (record, task) in enumerate(zip(records, tasks, strict=True)):
+        line: dict[str, Any] = {"index": index}
+        for key in ("id", "question_id"):
+            if key in record:
+                line[key] = record[key]
+        line["task"] = task
+        if args.probabilities:
+            line["probabilities"] = {
+                name: round(p, 6) for name, p in zip(model.tasks, rows[index], strict=True)
+            }
+        print(json.dumps(line))
+    return EXIT_OK
+
+
+# -- push ------------------------------------------------------------------------------------------
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from . import hub
+    from .results import RESULTS_JSON, ContinualResult
+
+    root = args.output_dir
+    if not os.path.isdir(root):
+        raise CommandError(f"{root}: no such directory.")
+    if not os.path.isfile(os.path.join(root, RESULTS_JSON)):
+        raise CommandError(f"{root} has no {RESULTS_JSON}: it is not the output_dir of a cmoe train run.")
+    finished = ContinualResult.load(root).tasks
+    pending = hub.read_pending(root)
+    todo = [task for task in finished if task in pending] if args.pending else finished
+    if not todo:
+        print("nothing is pending." if args.pending else f"{root} has no finished task.")
+        return EXIT_OK
+    for task in todo:
+        if not os.path.isfile(os.path.join(root, task, "adapter_config.json")):
+            raise CommandError(f"{os.path.join(root, task)} holds no saved adapter.")
+
+    target = hub.HubTarget(args.hub_model_id, token=args.token, private=args.private, branch=args.branch)
+    try:
+        target.ensure_repo()
+        tagged = {tag.name for tag in target.api().list_repo_refs(target.repo_id).tags}
+    except Exception as error:
+        print(
+            f"cmoe push: cannot reach {args.hub_model_id}: {type(error).__name__}: {error}", file=sys.stderr
+        )
+        hub.write_pending(root, sorted(set(pending) | set(todo), key=finished.index))
+        return EXIT_FAILED
+    still: list[str] = []
+    for task in todo:
+        if still:  # keep the order: a later task must not overtake an earlier one that failed
+            still.append(task)
+            continue
+        # main moves forward only: a task goes to main unless a later task is already on the Hub
+        latest = not any(later in tagged for later in finished[finished.index(task) + 1 :])
+        try:
+            commit = target.push_task(os.path.join(root, task), task, latest=latest)
+        except Exception as error:  # the local save is untouched; the task stays pending
+            print(f"cmoe push: task {task!r} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            still.append(task)
+            continue
+        tagged.add(task)
+        print(f"pushed {task} -> {target.repo_id} (tag {task}, commit {commit[:10]})")
+    left = [task for task in pending if task not in todo] + still
+    hub.write_pending(root, sorted(set(left), key=finished.index))
+    if still:
+        print(
+            f"still pending: {still}; retry with "
+            f"`cmoe push {root} --hub-model-id {args.hub_model_id} --pending`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    """Hand every argument to ``cmoe_adapters.demo.main`` untouched."""
+    try:
+        from . import demo
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.demo":
+            print("cmoe demo: this installation has no demo module.", file=sys.stderr)
+        else:
+            print(f"cmoe demo needs {error.name}: pip install 'cmoe-adapters[demo]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(demo.main(list(argv)) or 0)
+    except SystemExit as exit:  # the demo's own argparse (--help, usage errors)
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmoe",
+        description="Continual learning of vision-language models with mixtures of LoRA experts.",
+        epilog="Exit codes: 0 done, 1 some work failed (a pending push), 2 invalid input. See docs/cli.md.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a stream of tasks from a YAML run file")
+    train.add_argument("config", metavar="RUN.yaml", help="the run file (see docs/cli.md)")
+    train.add_argument("--resume", action="store_true", help="continue a crashed or extended stream")
+    train.add_argument(
+        "--dry-run", action="store_true", help="validate the run file and data, print the plan, load no model"
+    )
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a trained adapter on the run file's eval sets")
+    evaluate.add_argument("config", metavar="RUN.yaml")
+    evaluate.add_argument(
+        "--adapter", required=True, help="adapter directory (output_dir/<task>) or Hub repo id"
+    )
+    evaluate.add_argument("--revision", help="Hub revision of the adapter (a task's tag)")
+    evaluate.add_argument("--oracle", action="store_true", help="also score with the true task given")
+    evaluate.add_argument("--output", metavar="FILE.json", help="write the scores as JSON")
+    evaluate.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
+    evaluate.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:1', ...")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    locate = commands.add_parser("locate", help="which task the adapter's locator picks for each record")
+    locate.add_argument("--adapter", required=True, help="adapter directory or Hub repo id")
+    locate.add_argument("--model", help="base model (default: the one named in the adapter's config)")
+    locate.add_argument("--data", required=True, help="LLaVA or CoIN data file (.json or .jsonl)")
+    locate.add_argument("--image-root", help="directory of relative image paths (default: the data file's)")
+    locate.add_argument("--format", default="auto", choices=("auto", "llava", "coin"))
+    locate.add_argument("--revision", help="Hub revision of the adapter")
+    locate.add_argument("--probabilities", action="store_true", help="add p(task | record) to every line")
+    locate.add_argument("--summary", action="store_true", help="print counts per task instead of JSON lines")
+    locate.add_argument("--batch-size", type=int, default=8)
+    locate.add_argument("--model-class", default="auto")
+    locate.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    locate.add_argument("--token", help="Hub token")
+    locate.add_argument("--device", default="auto")
+    locate.set_defaults(handler=cmd_locate)
+
+    push = commands.add_parser("push", help="push the finished tasks of an output directory to the Hub")
+    push.add_argument("output_dir", metavar="OUTPUT_DIR", help="training.output_dir of a cmoe train run")
+    push.add_argument("--hub-model-id", required=True, help="the Hub repository, e.g. me/coin-cmoe")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--branch", default="main", help="the branch that holds the latest state")
+    push.add_argument("--pending", action="store_true", help="only retry the pushes that failed")
+    push.set_defaults(handler=cmd_push)
+
+    commands.add_parser(
+        "demo", help="the embedded CPU demo (arguments go to it: cmoe demo --help)", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cmoe`` with `argv` (default: the process's arguments); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after "demo" belongs to the demo, --help included
+        return cmd_demo(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error argparse has already printed
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except (ConfigError, CommandError, DataError) as error:
+        print(f"cmoe {args.command}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"cmoe {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
