@@ -105,7 +105,6 @@ def _run_stream(
 ) -> tuple[ContinualResult, float, int]:
     """One pass over the stream through `ContinualMoETrainer`; returns its result, seconds, parameters."""
     from peft import get_peft_model
-
     from transformers.trainer_callback import PrinterCallback
 
     from .data import VisionLanguageCollator
