@@ -42,9 +42,7 @@ def run_example(script: str, output_dir: str, *extra: str) -> subprocess.Complet
         output_dir,
         *extra,
     ]
-    return subprocess.run(
-        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("script", "tasks", "options"), EXAMPLES)
