@@ -26,9 +26,10 @@ from .config import ContinualMoEConfig
 from .data import (
     DataError,
     VisionLanguageCollator,
-    _read_json_records,
     load_coin_test_records,
     load_llava_records,
+    read_json_records,
+    reference_answer,
 )
 from .run_config import ConfigError, RunConfig, load_run_config
 
@@ -44,7 +45,7 @@ class CommandError(Exception):
 
 def detect_format(path: str) -> str:
     """``"llava"`` (conversations) or ``"coin"`` (``text`` + ``answer``), from the file's first record."""
-    records = _read_json_records(path)
+    records = read_json_records(path)
     if not records:
         raise DataError(f"{path}: the file holds no records.")
     first = records[0]
@@ -72,7 +73,7 @@ def load_records(
     if fmt == "llava":
         records = load_llava_records(path, image_root=root)
         if evaluation:
-            records = [{**r, "answer": r["conversations"][-1]["value"]} for r in records]
+            records = [{**r, "answer": reference_answer(r)} for r in records]
     else:
         records = load_coin_test_records(path, image_root=root)
     if not records:

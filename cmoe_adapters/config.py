@@ -80,8 +80,11 @@ class ContinualMoEConfig(PeftConfig):
             next to the mean over its image tokens (a feature twice the hidden size), so neither the
             question nor the image drowns the other; ``"mean"`` over all prompt tokens; or the
             ``"last"`` prompt token. Answer tokens are never used, in training or at inference.
-        locator_latent_dim / locator_hidden_dim: size of each task's VAE.
-        locator_steps / locator_lr / locator_batch_size: fitting of a task's VAE.
+        locator_latent_dim: latent size of each task's VAE.
+        locator_hidden_dim: hidden size of each task's VAE.
+        locator_steps: optimisation steps to fit a task's VAE.
+        locator_lr: learning rate of VAE fitting.
+        locator_batch_size: batch size of VAE fitting.
         locator_score: ``"elbo"`` (negative ELBO with the posterior mean) or ``"reconstruction"``.
         locator_calibration_fraction: share of a task's features held out to calibrate its scores
             (z-normalisation), so tasks with different feature scales compete fairly.

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -29,7 +28,7 @@ class DataError(ValueError):
     """A data file or record that cannot be used, with the file and record named."""
 
 
-def _read_json_records(path: str) -> list[Any]:
+def read_json_records(path: str) -> list[Any]:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file.")
     with open(path, encoding="utf-8") as handle:
@@ -64,7 +63,7 @@ def _resolve_image(
 def load_llava_records(path: str, image_root: str | None = None, check_images: bool = True) -> list[dict]:
     """LLaVA conversation records (``.json`` list or ``.jsonl``), images resolved against `image_root`."""
     records = []
-    for index, record in enumerate(_read_json_records(path)):
+    for index, record in enumerate(read_json_records(path)):
         where = f"{path}: record {index} ({record.get('id', '?') if isinstance(record, dict) else '?'})"
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise DataError(f"{where}: needs a 'conversations' list.")
@@ -88,7 +87,7 @@ def load_llava_records(path: str, image_root: str | None = None, check_images: b
 def load_coin_test_records(path: str, image_root: str | None = None, check_images: bool = True) -> list[dict]:
     """CoIN's test records (``question_id, image, text, answer``) as ``{"image", "question", "answer"}``."""
     records = []
-    for index, record in enumerate(_read_json_records(path)):
+    for index, record in enumerate(read_json_records(path)):
         missing = [
             key for key in ("image", "text", "answer") if not isinstance(record, dict) or key not in record
         ]
@@ -105,8 +104,10 @@ def load_coin_test_records(path: str, image_root: str | None = None, check_image
     return records
 
 
-def load_image(image: Any) -> Image.Image:
+def load_image(image: Any) -> Any:
     """A PIL RGB image from a PIL image or a path."""
+    from PIL import Image  # vision-language data needs pillow; plain text use of the library does not
+
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, (str, os.PathLike)):
@@ -142,10 +143,16 @@ def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _answer(record: Mapping[str, Any]) -> Any:
+def reference_answer(record: Mapping[str, Any]) -> Any:
+    """What a record's answer is scored against: its ``answer``, else its last assistant turn."""
     if "answer" in record:
         return record["answer"]
-    return record["conversations"][-1]["value"]
+    turns = [t for t in record.get("conversations", ()) if t.get("from") != "human"]
+    if not turns:
+        raise DataError(
+            f"A record to score needs an 'answer' or an assistant turn; got keys {sorted(record)}."
+        )
+    return turns[-1]["value"]
 
 
 class VisionLanguageCollator:

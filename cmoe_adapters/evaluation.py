@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .data import reference_answer
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _NUMBERS = {
@@ -83,5 +85,5 @@ def exact_match_accuracy(
     if len(records) == 0:
         raise ValueError("Cannot evaluate on an empty data set.")
     predictions = generate_answers(model, records, collator, decode, **generation)
-    hits = sum(exact_match(p, r["answer"]) for p, r in zip(predictions, records, strict=True))
+    hits = sum(exact_match(p, reference_answer(r)) for p, r in zip(predictions, records, strict=True))
     return hits / len(records)

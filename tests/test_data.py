@@ -135,3 +135,20 @@ def test_the_answer_follows_the_generation_prompt_as_the_template_renders_it(tem
     prompt = collator._render(messages[:-1], generation_prompt=True)
     assert text == prompt + learnt_text
     assert learnt_tokens(collator, collator([record]), 0) == ["red", "</s>"]
+
+
+def test_reference_answer_is_the_answer_or_the_last_assistant_turn():
+    from cmoe_adapters.data import reference_answer
+
+    assert reference_answer({"question": "q", "answer": "red"}) == "red"
+    conversation = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat color?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "and the shape?"},
+            {"from": "gpt", "value": "circle"},
+        ]
+    }
+    assert reference_answer(conversation) == "circle"
+    with pytest.raises(DataError, match="assistant turn"):
+        reference_answer({"conversations": [{"from": "human", "value": "hi"}]})
