@@ -22,6 +22,7 @@ import torch
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+_CACHE_SIZE = 65536  # rendered prompts and token counts kept per collator
 
 
 class DataError(ValueError):
@@ -168,6 +169,9 @@ class VisionLanguageCollator:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
+        self._gap: str | None = None
+        self._rendered: dict[tuple[str, bool], str] = {}
+        self._lengths: dict[str, int] = {}
         if (
             getattr(processor, "chat_template", None) is None
             and getattr(self.tokenizer, "chat_template", None) is None
@@ -178,12 +182,28 @@ class VisionLanguageCollator:
             )
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False
-        )
+        # VQA data repeats its questions across images: rendering Jinja per record is the slow part
+        key = (json.dumps(messages, sort_keys=True), generation_prompt)
+        text = self._rendered.get(key)
+        if text is None:
+            text = self.processor.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tokenize=False
+            )
+            self._remember(self._rendered, key, text)
+        return text
 
     def _text_length(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        length = self._lengths.get(text)
+        if length is None:
+            length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._remember(self._lengths, text, length)
+        return length
+
+    @staticmethod
+    def _remember(cache: dict, key: Any, value: Any) -> None:
+        if len(cache) >= _CACHE_SIZE:  # bounded: long streams of unique prompts must not grow memory
+            cache.clear()
+        cache[key] = value
 
     def _answer_gap(self, messages: list[dict], prompt: str, answer: str) -> str:
         """The whitespace the template puts between the generation prompt and the answer.
@@ -192,12 +212,15 @@ class VisionLanguageCollator:
         ``ASSISTANT: blue``; learning ``ASSISTANT:blue`` would teach the model a tokenization it
         never saw (``blue`` instead of ``▁blue``). ChatML templates (Qwen) have no gap.
         """
+        if self._gap is not None:  # a property of the template: found once, not rendered per record
+            return self._gap
         full = self._render(messages, generation_prompt=False)
-        if not full.startswith(prompt) or answer not in full[len(prompt) :]:
+        if not full.startswith(prompt) or not answer or answer not in full[len(prompt) :]:
             return ""
         rest = full[len(prompt) :]
         gap = rest[: rest.index(answer)]
-        return gap if not gap.strip() else ""
+        self._gap = gap if not gap.strip() else ""
+        return self._gap
 
     def _spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The full text and, in text tokens, the ``[start, end)`` spans of the assistant turns.
