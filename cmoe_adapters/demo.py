@@ -15,7 +15,7 @@ Both accuracy matrices, the final average, BWT and the locator's accuracy are pr
 and written to ``<output>/results.json``, ``results.md`` and ``results.png``; each run's adapters
 and its own results are in ``<output>/<run>/``.
 
-    cmoe demo [--tasks 4] [--steps 200] [--seed 0] [--output-dir cmoe-demo] [--preset default]
+    cmoe demo [--tasks 4] [--steps 150] [--seed 0] [--output-dir cmoe-demo] [--preset default]
     python -m cmoe_adapters.demo ...
 """
 
