@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import tempfile
 import time
 
@@ -20,16 +21,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task
+from cmoe_adapters.architectures import default_target_modules
 from cmoe_adapters.data import VisionLanguageCollator
 from cmoe_adapters.easyvqa import TASK_ORDER, load_task, pretrained_base
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def configs() -> dict[str, object]:
-    """The rows of the ablation: name -> peft config (rank 8 per token everywhere)."""
+def configs(targets: str) -> dict[str, object]:
+    """The rows of the ablation: name -> peft config (rank 8 per token everywhere, same targets)."""
     return {
-        "sequential LoRA": LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS),
+        "sequential LoRA": LoraConfig(r=8, lora_alpha=16, target_modules=targets),
         "MoE-LoRA, shared router": ContinualMoEConfig(
             r=4, lora_alpha=8, num_experts=4, top_k=2, experts_per_task=0, router_per_task=False,
             freeze_old_experts=False,
@@ -70,10 +70,26 @@ def run(name: str, config, base, processor, tasks, steps: int, output_dir: str):
     collator = VisionLanguageCollator(processor)
     trainer = ContinualMoETrainer(model=model, args=args, data_collator=collator, processing_class=processor)
     start = time.perf_counter()
-    result = trainer.train_tasks(tasks)
+    counts = []
+    for task in tasks:  # one task at a time, to count what each task adds
+        result = trainer.train_task(task)
+        counts.append(adapter_parameters(model))
     seconds = time.perf_counter() - start
-    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "cmoe_" in n) / len(tasks)
+    added = [counts[0]] + [
+        (after[0] - before[0], after[1] - before[1]) for before, after in itertools.pairwise(counts)
+    ]
     return result, seconds, added
+
+
+def adapter_parameters(model) -> tuple[int, int]:
+    """(adapter weights, locator weights) of a peft model, trainable or frozen."""
+    adapter = locator = 0
+    for name, parameter in model.named_parameters():
+        if "cmoe_locator" in name:
+            locator += parameter.numel()
+        elif "lora_" in name or "cmoe_" in name:
+            adapter += parameter.numel()
+    return adapter, locator
 
 
 def main() -> None:
@@ -88,7 +104,7 @@ def main() -> None:
     torch.manual_seed(0)
     base, processor = pretrained_base(progress=False)
     tasks = stream(args.train, args.test)
-    rows = configs()
+    rows = configs(default_target_modules(base))  # the language model's linears, as the MoE rows
     if args.only:
         rows = {
             k: v for k, v in rows.items() if any(s.strip().lower() in k.lower() for s in args.only.split(","))
@@ -96,8 +112,11 @@ def main() -> None:
     print(
         f"# easy-vqa, {len(tasks)} tasks, {args.steps} steps x 32 per task, {args.test} test questions each\n"
     )
-    print("| run | final average | BWT | locator accuracy | adapter params / task | train+eval s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| run | final average | BWT | locator accuracy | adapter params, task 1 | added per later task "
+        "| locator params per task | train+eval s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     matrices = {}
     for name, config in rows.items():
         with tempfile.TemporaryDirectory() as output_dir:
@@ -106,7 +125,13 @@ def main() -> None:
         final = sum(matrix[-1]) / len(matrix[-1])
         bwt = sum(matrix[-1][j] - matrix[j][j] for j in range(len(matrix) - 1)) / (len(matrix) - 1)
         located = "-" if result.locator_accuracy is None else f"{100 * result.locator_accuracy:.1f}"
-        cells = f"{100 * final:.1f} | {100 * bwt:+.1f} | {located} | {added / 1e3:.1f}k | {seconds:.0f}"
+        later = [a for a, _ in added[1:]]
+        per_later = sum(later) / max(len(later), 1)
+        locator = sum(v for _, v in added) / len(added)
+        cells = (
+            f"{100 * final:.1f} | {100 * bwt:+.1f} | {located} | {added[0][0] / 1e3:.1f}k | "
+            f"{per_later / 1e3:.1f}k | {locator / 1e3:.1f}k | {seconds:.0f}"
+        )
         print(f"| {name} | {cells} |")
         matrices[name] = matrix
     for name, matrix in matrices.items():
