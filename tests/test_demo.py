@@ -8,6 +8,7 @@ import pytest
 
 from cmoe_adapters import demo, easyvqa
 from cmoe_adapters.easyvqa import build_tiny_llava
+from cmoe_adapters.easyvqa.pretrain import CACHE_NAME, METRICS_FILE
 
 
 def test_bad_options_are_all_reported_with_exit_code_2(capsys):
@@ -30,7 +31,7 @@ def test_demo_runs_both_streams_and_writes_the_report(tmp_path, monkeypatch, cap
     )
     out = tmp_path / "demo"
     argv = ["--tasks", "2", "--steps", "3", "--train-questions", "64", "--test-questions", "20"]
-    assert demo.main([*argv, "--output-dir", str(out), "--quiet"]) == 0
+    assert demo.main([*argv, "--output-dir", str(out), "--quiet", "--sequential"]) == 0
     printed = capsys.readouterr().out
     assert "sequential LoRA" in printed and "continual MoE" in printed and "locator accuracy" in printed
 
@@ -52,6 +53,24 @@ def test_demo_runs_both_streams_and_writes_the_report(tmp_path, monkeypatch, cap
     for run in ("sequential-lora", "continual-moe"):
         for task in ("shape", "color"):
             assert (out / run / task / "adapter_config.json").is_file()
+
+
+def test_parallel_streams_run_in_child_processes_from_the_cached_base(tmp_path):
+    # child processes load the base from the cache: put an (untrained) one where they look
+    cache = tmp_path / "cache"
+    model, processor = build_tiny_llava(seed=0)
+    base_dir = cache / f"{CACHE_NAME}-seed0"
+    model.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    (base_dir / METRICS_FILE).write_text("{}")
+    out = tmp_path / "demo"
+    argv = ["--tasks", "2", "--steps", "2", "--train-questions", "64", "--test-questions", "16"]
+    assert demo.main([*argv, "--output-dir", str(out), "--cache-dir", str(cache), "--quiet"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    for run in report["runs"].values():
+        assert [len(row) for row in run["accuracy_matrix"]] == [1, 2]
+        assert run["seconds"] > 0 and run["adapter_parameters"] > 0
+    assert report["runs"]["continual MoE"]["summary"]["locator_accuracy"] is not None
 
 
 @pytest.mark.slow
