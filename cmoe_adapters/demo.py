@@ -111,18 +111,21 @@ def _run_stream(
     processor: Any,
     tasks: list,
     options: DemoOptions,
-    step_counter: Any = None,
+    shared: SharedProgress | None = None,
 ) -> tuple[ContinualResult, float, int]:
     """One pass over the stream through `ContinualMoETrainer`; returns its result, seconds, parameters."""
     from peft import get_peft_model
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
     class CountSteps(TrainerCallback):
-        """Reports training steps to the parent process's progress bar."""
+        """Reports training steps to the parent's progress bar; takes over the cores of finished runs."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            with step_counter.get_lock():
-                step_counter.value += 1
+            with shared.steps.get_lock():
+                shared.steps.value += 1
+            threads = shared.threads_for_me()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
 
     from .data import VisionLanguageCollator
     from .trainer import ContinualMoETrainer, ContinualTrainingArguments
@@ -148,7 +151,7 @@ def _run_stream(
     )
     if not options.progress:  # quiet: the Trainer would print every log dict instead of its bars
         trainer.remove_callback(PrinterCallback)
-    if step_counter is not None:
+    if shared is not None:
         trainer.add_callback(CountSteps())
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)
@@ -217,16 +220,34 @@ def demo_tasks(options: DemoOptions) -> list:
     ]
 
 
-def _stream_process(name: str, peft_config: Any, options: DemoOptions, counter: Any, threads: int) -> None:
+@dataclass
+class SharedProgress:
+    """What the stream processes share: steps done (for the bar) and runs finished (for the cores)."""
+
+    steps: Any  # multiprocessing.Value("i")
+    finished: Any  # multiprocessing.Value("i")
+    runs: int
+    cores: int
+
+    def threads_for_me(self) -> int:
+        """An equal share of the cores among the runs still training."""
+        return max(1, self.cores // max(1, self.runs - self.finished.value))
+
+
+def _stream_process(name: str, peft_config: Any, options: DemoOptions, shared: SharedProgress) -> None:
     """One stream in a child process: load the cached base, train, leave results in the run's folder."""
     from .easyvqa import pretrained_base
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(shared.threads_for_me())
     base, processor = pretrained_base(cache_dir=options.cache_dir, seed=options.seed, progress=False)
     quiet = replace(options, progress=False)
-    _, seconds, parameters = _run_stream(
-        name, peft_config, base, processor, demo_tasks(options), quiet, counter
-    )
+    try:
+        _, seconds, parameters = _run_stream(
+            name, peft_config, base, processor, demo_tasks(options), quiet, shared
+        )
+    finally:
+        with shared.finished.get_lock():
+            shared.finished.value += 1
     summary = {"seconds": seconds, "adapter_parameters": parameters}
     write_atomically(os.path.join(options.output_dir, _slug(name), RUN_FILE), json.dumps(summary))
 
@@ -237,18 +258,19 @@ def _run_in_parallel(
     """Both streams at once, one process each with half the cores, under one progress bar.
 
     A tiny model's training step gains little from a second thread (1.5x on 2 cores), so two
-    single-threaded streams side by side finish sooner than one after the other (~35% on 2 cores).
+    single-threaded streams side by side finish sooner than one after the other; when one run
+    finishes, the other takes over its cores.
     """
     import multiprocessing
 
     from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked OpenMP state
-    counter = context.Value("i", 0)
-    threads = max(1, (os.cpu_count() or 2) // len(runs))
+    shared = SharedProgress(context.Value("i", 0), context.Value("i", 0), len(runs), os.cpu_count() or 2)
+    counter = shared.steps
     processes = {
         name: context.Process(
-            target=_stream_process, args=(name, config, options, counter, threads), name=f"cmoe demo: {name}"
+            target=_stream_process, args=(name, config, options, shared), name=f"cmoe demo: {name}"
         )
         for name, config in runs.items()
     }
