@@ -383,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
-        "--sequential", action="store_true", help="run the two streams one after the other, in this process"
+        "--sequential",
+        action="store_true",
+        help="run the two streams one after the other, in this process (bit-reproducible; side by side, "
+        "a stream's thread count changes when the other finishes, which changes float rounding)",
     )
     return parser
 
