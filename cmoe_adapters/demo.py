@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from .config import ContinualMoEConfig
 from .results import ContinualResult, save_heatmaps, write_atomically
@@ -115,17 +116,7 @@ def _run_stream(
 ) -> tuple[ContinualResult, float, int]:
     """One pass over the stream through `ContinualMoETrainer`; returns its result, seconds, parameters."""
     from peft import get_peft_model
-    from transformers.trainer_callback import PrinterCallback, TrainerCallback
-
-    class CountSteps(TrainerCallback):
-        """Reports training steps to the parent's progress bar; takes over the cores of finished runs."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            with shared.steps.get_lock():
-                shared.steps.value += 1
-            threads = shared.threads_for_me()
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+    from transformers.trainer_callback import PrinterCallback
 
     from .data import VisionLanguageCollator
     from .trainer import ContinualMoETrainer, ContinualTrainingArguments
@@ -152,11 +143,11 @@ def _run_stream(
     if not options.progress:  # quiet: the Trainer would print every log dict instead of its bars
         trainer.remove_callback(PrinterCallback)
     if shared is not None:
-        trainer.add_callback(CountSteps())
+        trainer.add_callback(_ReportSteps(shared))
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "cmoe_" in n)
-    return result, time.perf_counter() - start, trainable
+    parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "cmoe_" in n)
+    return result, time.perf_counter() - start, parameters
 
 
 def _slug(name: str) -> str:
@@ -232,6 +223,20 @@ class SharedProgress:
     def threads_for_me(self) -> int:
         """An equal share of the cores among the runs still training."""
         return max(1, self.cores // max(1, self.runs - self.finished.value))
+
+
+class _ReportSteps(TrainerCallback):
+    """Counts steps for the parent's progress bar; takes over the cores of runs that finished."""
+
+    def __init__(self, shared: SharedProgress) -> None:
+        self.shared = shared
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        with self.shared.steps.get_lock():
+            self.shared.steps.value += 1
+        threads = self.shared.threads_for_me()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
 
 def _stream_process(name: str, peft_config: Any, options: DemoOptions, shared: SharedProgress) -> None:
