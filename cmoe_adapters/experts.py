@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import ContinualMoEConfig
 from .routing import RoutingState, TaskRouters, balancing_loss, route
+from .zero3 import full_shape
 
 
 class LoRAExperts(nn.Module):
@@ -50,7 +51,7 @@ class LoRAExperts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return sum(a.shape[0] for a in self.lora_A) // self.r
+        return sum(full_shape(a)[0] for a in self.lora_A) // self.r
 
     def grow(
         self,
@@ -258,6 +259,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         if self.routing.feature_hook is not None:  # the first adapted layer to run: locator feature
             hook, self.routing.feature_hook = self.routing.feature_hook, None
             hook(x)
+            if self.routing.bypass:  # the pass only wanted the feature (see locator_features)
+                return result
         adapter_name = self.active_adapters[0]
         if adapter_name not in self.cmoe_routers or len(self.cmoe_routers[adapter_name]) == 0:
             return result

@@ -25,42 +25,86 @@ from torch import nn
 _VAE_LINEARS = ("encoder.0", "encoder.2", "decoder.0", "decoder.2")
 
 
+class FittedLinear(nn.Module):
+    """A linear layer whose weight and bias are buffers.
+
+    A locator is fitted by its own loop (`TaskLocator.fit`), never by the model's optimizer, so its
+    weights are state rather than parameters: DDP, DeepSpeed ZeRO-3 and FSDP then keep them whole on
+    every process instead of sharding them, and they never show up as trainable.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_features, in_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _vae_network(feature_dim: int, hidden_dim: int, latent_dim: int, linear: type[nn.Module]) -> nn.Module:
+    """Encoder ``d -> h -> 2z`` and decoder ``z -> h -> d`` built from `linear` layers."""
+    network = nn.Module()
+    network.encoder = nn.Sequential(
+        linear(feature_dim, hidden_dim), nn.SiLU(), linear(hidden_dim, 2 * latent_dim)
+    )
+    network.decoder = nn.Sequential(
+        linear(latent_dim, hidden_dim), nn.SiLU(), linear(hidden_dim, feature_dim)
+    )
+    return network
+
+
 class TaskVAE(nn.Module):
-    """A 2-layer MLP VAE over one task's features, with that task's calibration statistics."""
+    """A 2-layer MLP VAE over one task's features, with that task's calibration statistics.
+
+    Everything is a buffer (see `FittedLinear`); `TaskLocator.fit` trains an ordinary twin network
+    and copies its weights in.
+    """
 
     def __init__(self, feature_dim: int, hidden_dim: int, latent_dim: int) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 2 * latent_dim)
-        )
-        self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, feature_dim)
-        )
+        self.dims = (feature_dim, hidden_dim, latent_dim)
+        network = _vae_network(feature_dim, hidden_dim, latent_dim, FittedLinear)
+        self.encoder, self.decoder = network.encoder, network.decoder
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
         self.register_buffer("score_mean", torch.zeros(()))
         self.register_buffer("score_std", torch.ones(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def training_loss(self, features: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO per feature dimension with one reparameterised sample (for fitting)."""
-        x = (features - self.feature_mean) / self.feature_std
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        reconstruction = F.mse_loss(self.decoder(z), x, reduction="none").mean(-1)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
-        return (reconstruction + kl).mean()
+    def trainable_twin(self) -> nn.Module:
+        """A freshly initialised network of the same shape with ordinary parameters, to fit."""
+        twin = _vae_network(*self.dims, nn.Linear)
+        return twin.to(self.feature_mean.device)
+
+    def load_twin(self, twin: nn.Module) -> None:
+        """Copy a fitted twin's weights into this VAE's buffers."""
+        with torch.no_grad():
+            for name in _VAE_LINEARS:
+                mine, theirs = self.get_submodule(name), twin.get_submodule(name)
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+
+
+def negative_elbo(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Negative ELBO per feature dimension of standardised features, one reparameterised sample."""
+    mu, logvar = network.encoder(x).chunk(2, dim=-1)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    reconstruction = F.mse_loss(network.decoder(z), x, reduction="none").mean(-1)
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
+    return (reconstruction + kl).mean()
 
 
 def stack_vaes(vaes: list[TaskVAE]) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of several VAEs stacked along a new leading task dimension."""
+    """The weights and statistics of several VAEs stacked along a new leading task dimension (fp32)."""
     stacked = {}
     for name in _VAE_LINEARS:
         linears = [vae.get_submodule(name) for vae in vaes]
-        stacked[f"{name}.weight"] = torch.stack([linear.weight for linear in linears])
-        stacked[f"{name}.bias"] = torch.stack([linear.bias for linear in linears])
-    for name in ("feature_mean", "feature_std", "score_mean", "score_std", "fitted"):
-        stacked[name] = torch.stack([getattr(vae, name) for vae in vaes])
+        stacked[f"{name}.weight"] = torch.stack([linear.weight.float() for linear in linears])
+        stacked[f"{name}.bias"] = torch.stack([linear.bias.float() for linear in linears])
+    for name in ("feature_mean", "feature_std", "score_mean", "score_std"):
+        stacked[name] = torch.stack([getattr(vae, name).float() for vae in vaes])
+    stacked["fitted"] = torch.stack([vae.fitted for vae in vaes])
     return stacked
 
 
@@ -106,13 +150,14 @@ class TaskLocator(nn.Module):
     def __len__(self) -> int:
         return len(self.vaes)
 
-    def add_task(self, feature_dim: int, hidden_dim: int, latent_dim: int) -> None:
-        """A (not yet fitted) VAE slot for the next task."""
-        reference = next(self.parameters(), None)
-        vae = TaskVAE(feature_dim, hidden_dim, latent_dim).requires_grad_(False)
-        if reference is not None:
-            vae.to(reference.device)
-        self.vaes.append(vae)
+    def add_task(
+        self, feature_dim: int, hidden_dim: int, latent_dim: int, device: torch.device | None = None
+    ) -> None:
+        """A (not yet fitted) VAE slot for the next task, on `device` (default: the other slots')."""
+        reference = next(self.buffers(), None)
+        if device is None and reference is not None:
+            device = reference.device
+        self.vaes.append(TaskVAE(feature_dim, hidden_dim, latent_dim).to(device))
 
     @property
     def fitted(self) -> list[bool]:
@@ -147,13 +192,13 @@ class TaskLocator(nn.Module):
         held_out = max(2, round(features.shape[0] * calibration_fraction))
         calibration, train = features[order[:held_out]], features[order[held_out:]]
 
-        with torch.no_grad():
-            vae.feature_mean.copy_(train.mean(0))
-            vae.feature_std.copy_(train.std(0, unbiased=False).clamp_min(1e-4 + 1e-2 * train.std().item()))
-        vae.requires_grad_(True).train()
-        optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+        mean = train.mean(0)
+        std = train.std(0, unbiased=False).clamp_min(1e-4 + 1e-2 * train.std().item())
+        standardised = (train - mean) / std
         torch_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # reparameterisation noise: same fit on every process
+        torch.manual_seed(seed)  # initial weights and reparameterisation noise: same fit on every process
+        twin = vae.trainable_twin()
+        optimizer = torch.optim.Adam(twin.parameters(), lr=lr)
         threads = torch.get_num_threads()
         if device.type == "cpu":  # tiny matrices: one thread is ~100x faster on a busy machine
             torch.set_num_threads(1)
@@ -161,16 +206,18 @@ class TaskLocator(nn.Module):
         try:
             for _ in tqdm(range(steps), desc=f"locator {task_name}", disable=not progress, leave=False):
                 index = torch.randint(train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
-                loss = vae.training_loss(train[index.to(device)])
+                loss = negative_elbo(twin, standardised[index.to(device)])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         finally:
             torch.set_num_threads(threads)
             torch.random.set_rng_state(torch_state)
-            vae.requires_grad_(False).eval()
 
         with torch.no_grad():
+            vae.load_twin(twin)
+            vae.feature_mean.copy_(mean)
+            vae.feature_std.copy_(std)
             scores = raw_scores(stack_vaes([vae]), calibration, score_kind)[0]
             vae.score_mean.copy_(scores.mean())
             vae.score_std.copy_(scores.std(unbiased=False).clamp_min(1e-6 + 1e-3 * scores.mean().abs()))
@@ -186,7 +233,7 @@ class TaskLocator(nn.Module):
         )
 
     def _stacked(self) -> dict[str, torch.Tensor]:
-        tensors = [t for vae in self.vaes for t in (*vae.parameters(), *vae.buffers())]
+        tensors = [t for vae in self.vaes for t in vae.buffers()]
         key = tuple((id(t), t._version, t.device) for t in tensors)
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             with torch.no_grad():

@@ -26,7 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
 from torch import nn
 
-from . import shards
+from . import shards, zero3
 from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig, validate_task_name
@@ -72,6 +72,7 @@ class ContinualMoEModel(BaseTuner):
             self._generating = False
             self._in_base_pass = False
             self._stop_at_feature = False
+            self._captured_features: list[torch.Tensor] | None = None
             self._collect_into: FeatureBuffer | None = None
             self._feature_buffers: dict[str, FeatureBuffer] = {}
             self._default_task: str | None = None
@@ -90,9 +91,13 @@ class ContinualMoEModel(BaseTuner):
     def _add_locator_slots(self, adapter_name: str, count: int) -> None:
         """Unfitted VAE slots for `count` more tasks (once the feature dimension is known)."""
         config = self.peft_config[adapter_name]
+        device = next((p.device for p in self.model.parameters()), None)
         for _ in range(count):
             self.cmoe_locator[adapter_name].add_task(
-                config.locator_feature_dim, config.locator_hidden_dim, config.locator_latent_dim
+                config.locator_feature_dim,
+                config.locator_hidden_dim,
+                config.locator_latent_dim,
+                device=device,
             )
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -246,11 +251,14 @@ class ContinualMoEModel(BaseTuner):
         config.task_records.append(record)
         task = len(config.task_records) - 1
         init_from = record.get("init_from", {})
-        for layer in self._layers():
-            count = config.new_experts_for(task, layer.layer_name)
-            copies = init_from.get(layer.layer_name)
-            layer.add_task(adapter_name, count, init_from=list(copies)[:count] if copies and count else None)
-            layer.set_trainable_task(adapter_name, task)
+        # new experts copy or concatenate old ones, which ZeRO-3 may hold partitioned
+        with zero3.gathered(zero3.adapter_parameters(self.model)):
+            for layer in self._layers():
+                count = config.new_experts_for(task, layer.layer_name)
+                copies = init_from.get(layer.layer_name)
+                copies = list(copies)[:count] if copies and count else None
+                layer.add_task(adapter_name, count, init_from=copies)
+                layer.set_trainable_task(adapter_name, task)
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, 1)
 
@@ -397,7 +405,12 @@ class ContinualMoEModel(BaseTuner):
     def _use_features(self, features: torch.Tensor, locate: bool) -> torch.Tensor | None:
         """Collect and/or locate with the features of this forward pass."""
         if self._stop_at_feature:
-            raise _FeatureReady(features)
+            if self._captured_features is None:
+                raise _FeatureReady(features)
+            # ZeRO-3 cannot abandon a forward pass: finish it as the base model, features kept
+            self._captured_features.append(features)
+            self._routing.bypass = True
+            return None
         if self._collect_into is not None:
             self._collect_into.add(features)
         if not locate:
@@ -485,17 +498,24 @@ class ContinualMoEModel(BaseTuner):
     def locator_features(self, *args: Any, **batch: Any) -> torch.Tensor:
         """The locator's feature ``[batch, d]`` of model inputs, computed only as far as needed.
 
-        With the default feature source the forward pass stops at the first adapted layer.
+        With the default feature source the forward pass stops at the first adapted layer (under
+        DeepSpeed ZeRO-3, whose parameter bookkeeping needs every pass to finish, it goes on as the
+        base model).
         """
         batch.pop("task", None)
         self._stop_at_feature = True
+        if zero3.is_partitioned(next(self.model.parameters())):
+            self._captured_features = []
         try:
             self.model(*args, **batch)
         except _FeatureReady as ready:
             return ready.features
         finally:
-            self._stop_at_feature = False
+            captured, self._captured_features = self._captured_features, None
+            self._stop_at_feature, self._routing.bypass = False, False
             self._routing.reset(None)
+        if captured:
+            return captured[0]
         raise RuntimeError("The forward pass reached no adapted layer, so no locator feature was taken.")
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import zero3
 from .model import ContinualMoEModel
 
 Snapshot = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -67,20 +68,27 @@ def snapshot_old_experts(model: ContinualMoEModel) -> Snapshot:
     saved: Snapshot = {}
     if task < 1:
         return saved
-    for layer in model._layers():
-        experts = layer.cmoe_experts[adapter_name]
-        rows = layer.cmoe_routers[adapter_name].num_experts(task - 1) * experts.r
-        a, b = experts.stacked()
-        saved[layer.layer_name] = (a.detach()[:rows].clone(), b.detach()[:rows].clone())
+    with zero3.gathered(zero3.adapter_parameters(model.model)):
+        for layer in model._layers():
+            experts = layer.cmoe_experts[adapter_name]
+            rows = layer.cmoe_routers[adapter_name].num_experts(task - 1) * experts.r
+            a, b = experts.stacked()
+            saved[layer.layer_name] = (a.detach()[:rows].clone(), b.detach()[:rows].clone())
     return saved
 
 
 def merge_newest_task(model: ContinualMoEModel, before: Snapshot) -> dict[str, Any]:
     """Blend the newest task's experts with `before` (call after `record_usage`); returns counts."""
+    roles = {"shared": 0, "new_only": 0, "unused": 0}
+    with zero3.gathered(zero3.adapter_parameters(model.model), modify=True):
+        _merge_layers(model, before, roles)
+    return roles
+
+
+def _merge_layers(model: ContinualMoEModel, before: Snapshot, roles: dict[str, int]) -> None:
     config = model._config
     adapter_name = model.active_adapters[0]
     task = len(model.tasks) - 1
-    roles = {"shared": 0, "new_only": 0, "unused": 0}
     for layer in model._layers():
         if layer.layer_name not in before:
             continue
@@ -108,4 +116,3 @@ def merge_newest_task(model: ContinualMoEModel, before: Snapshot) -> dict[str, A
             blend(old_a, a.detach()[: old_a.shape[0]], keep, experts.r),
             blend(old_b, b.detach()[: old_b.shape[0]], keep, experts.r),
         )
-    return roles

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .zero3 import full_shape
+
 
 @dataclass
 class RoutingState:
@@ -93,7 +95,7 @@ class TaskRouters(nn.Module):
         return self.weight[0 if self.shared else task]
 
     def num_experts(self, task: int) -> int:
-        return self.router(task).shape[0]
+        return full_shape(self.router(task))[0]
 
     def add(self, num_experts: int, init_std: float, *, device=None, dtype=None) -> None:
         """Append the router (and statistics) of a new task over `num_experts` experts."""

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from . import expansion, hub, momentum, shards
+from . import expansion, hub, momentum, shards, zero3
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .locator import FeatureBuffer
@@ -363,12 +363,14 @@ class ContinualMoETrainer(Trainer):
 
         With ``push_to_hub``, the saved folder is then pushed as the task's revision.
         """
+        root = self.continual_output_dir
+        final = os.path.join(root, name)
+        staging = os.path.join(root, f".{name}.saving")
+        with zero3.gathered(zero3.adapter_parameters(self.model)):  # collective under ZeRO-3
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+                self.model.save_pretrained(staging)
         if self.args.should_save:
-            root = self.continual_output_dir
-            final = os.path.join(root, name)
-            staging = os.path.join(root, f".{name}.saving")
-            shutil.rmtree(staging, ignore_errors=True)
-            self.model.save_pretrained(staging)
             config = self.model.peft_config[self.model.active_adapter]
             repo_id = self.hub_target.repo_id if self.hub_target is not None else None
             with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:

@@ -1,7 +1,7 @@
 """Train the synthetic three-task stream; used by the resume (kill -9) and DDP tests.
 
 python continual_stream.py OUT [--kill-at TASK:STEP] [--resume] [--dump DIR]
-torchrun --nproc_per_node 2 continual_stream.py OUT --ddp --dump DIR
+torchrun --nproc_per_node 2 continual_stream.py OUT --ddp [--zero-stage 2|3] [--preset NAME] --dump DIR
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from peft import get_peft_model  # noqa: E402
 from synthetic_stream import TASKS, TokenCollator, answer_accuracy, records  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task  # noqa: E402
+from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task, zero3  # noqa: E402
 
 
 def record_writes_under(root: str) -> list[str]:
@@ -71,6 +71,38 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def starve_experts_on(rank: int, process_index: int) -> list[int]:
+    """On process `rank`, routers may pick only expert 0: every other expert receives no tokens there.
+
+    Returns a one-element list counting the tokens this process still assigned to other experts.
+    """
+    import cmoe_adapters.experts
+
+    route = cmoe_adapters.experts.route
+    others = [0]
+
+    def starving_route(logits, top_k):
+        if process_index == rank:
+            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) > 0, -torch.inf)
+        routed = route(logits, top_k)
+        others[0] += int(routed.assigned[..., 1:].sum())
+        return routed
+
+    cmoe_adapters.experts.route = starving_route
+    return others
+
+
+def deepspeed_config(stage: int) -> dict:
+    """A ZeRO config whose batch settings follow TrainingArguments."""
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -78,11 +110,17 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--dump", default=None, help="write this rank's final adapter state here")
+    parser.add_argument("--zero-stage", type=int, default=None, help="train under DeepSpeed ZeRO")
+    parser.add_argument("--preset", choices=["llava_cmoe", "cl_moe"], default=None)
+    parser.add_argument("--starve-rank", type=int, default=None, help="no tokens for experts 1+ on this rank")
     args = parser.parse_args()
 
     written = record_writes_under(args.output_dir) if args.dump else []
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1, locator_steps=100))
+    settings = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
+    make_config = getattr(ContinualMoEConfig, args.preset) if args.preset else ContinualMoEConfig
+    config = make_config(**settings)
+    model = get_peft_model(tiny_llama(), config)
     training_args = ContinualTrainingArguments(
         output_dir=args.output_dir,
         max_steps=24,
@@ -96,7 +134,11 @@ def main() -> None:
         use_cpu=True,
         seed=0,
         ddp_backend="gloo" if args.ddp else None,
+        deepspeed=deepspeed_config(args.zero_stage) if args.zero_stage is not None else None,
     )
+    starved = None
+    if args.starve_rank is not None:
+        starved = starve_experts_on(args.starve_rank, training_args.process_index)
     trainer_ref: list = []
     callbacks = []
     if args.kill_at:
@@ -114,8 +156,11 @@ def main() -> None:
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         rank = training_args.process_index
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "cmoe_" in k}
+        with zero3.gathered(model.parameters()):  # ZeRO-3 holds a slice of each parameter
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "cmoe_" in k}
         dump = {"state": state, "matrix": result.accuracy_matrix, "written": sorted(set(written))}
+        if starved is not None:
+            dump["tokens_to_other_experts"] = starved[0]
         torch.save(dump, os.path.join(args.dump, f"rank{rank}.pt"))
 
 
