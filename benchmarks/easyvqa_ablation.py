@@ -82,13 +82,20 @@ def run(name: str, config, base, processor, tasks, steps: int, output_dir: str):
 
 
 def adapter_parameters(model) -> tuple[int, int]:
-    """(adapter weights, locator weights) of a peft model, trainable or frozen."""
-    adapter = locator = 0
-    for name, parameter in model.named_parameters():
-        if "cmoe_locator" in name:
-            locator += parameter.numel()
-        elif "lora_" in name or "cmoe_" in name:
-            adapter += parameter.numel()
+    """(adapter weights, locator weights) of a peft model, trainable or frozen.
+
+    The locator's VAE weights are buffers (fitted by the locator, not the optimizer).
+    """
+    adapter = sum(
+        parameter.numel()
+        for name, parameter in model.named_parameters()
+        if "lora_" in name or "cmoe_" in name
+    )
+    locator = sum(
+        buffer.numel()
+        for name, buffer in model.named_buffers()
+        if "cmoe_locator" in name and name.endswith((".weight", ".bias"))
+    )
     return adapter, locator
 
 

@@ -251,14 +251,14 @@ class ContinualMoEModel(BaseTuner):
         config.task_records.append(record)
         task = len(config.task_records) - 1
         init_from = record.get("init_from", {})
-        # new experts copy or concatenate old ones, which ZeRO-3 may hold partitioned
-        with zero3.gathered(zero3.adapter_parameters(self.model)):
-            for layer in self._layers():
-                count = config.new_experts_for(task, layer.layer_name)
-                copies = init_from.get(layer.layer_name)
-                copies = list(copies)[:count] if copies and count else None
+        for layer in self._layers():
+            count = config.new_experts_for(task, layer.layer_name)
+            copies = init_from.get(layer.layer_name)
+            copies = list(copies)[:count] if copies and count else None
+            # new experts concatenate or copy old ones, which ZeRO-3 may hold partitioned
+            with zero3.gathered(layer.cmoe_experts[adapter_name].parameters()):
                 layer.add_task(adapter_name, count, init_from=copies)
-                layer.set_trainable_task(adapter_name, task)
+            layer.set_trainable_task(adapter_name, task)
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, 1)
 

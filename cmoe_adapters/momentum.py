@@ -68,10 +68,10 @@ def snapshot_old_experts(model: ContinualMoEModel) -> Snapshot:
     saved: Snapshot = {}
     if task < 1:
         return saved
-    with zero3.gathered(zero3.adapter_parameters(model.model)):
-        for layer in model._layers():
-            experts = layer.cmoe_experts[adapter_name]
-            rows = layer.cmoe_routers[adapter_name].num_experts(task - 1) * experts.r
+    for layer in model._layers():
+        experts = layer.cmoe_experts[adapter_name]
+        rows = layer.cmoe_routers[adapter_name].num_experts(task - 1) * experts.r
+        with zero3.gathered(experts.parameters()):  # one layer at a time: ZeRO-3 holds slices
             a, b = experts.stacked()
             saved[layer.layer_name] = (a.detach()[:rows].clone(), b.detach()[:rows].clone())
     return saved
@@ -79,16 +79,10 @@ def snapshot_old_experts(model: ContinualMoEModel) -> Snapshot:
 
 def merge_newest_task(model: ContinualMoEModel, before: Snapshot) -> dict[str, Any]:
     """Blend the newest task's experts with `before` (call after `record_usage`); returns counts."""
-    roles = {"shared": 0, "new_only": 0, "unused": 0}
-    with zero3.gathered(zero3.adapter_parameters(model.model), modify=True):
-        _merge_layers(model, before, roles)
-    return roles
-
-
-def _merge_layers(model: ContinualMoEModel, before: Snapshot, roles: dict[str, int]) -> None:
     config = model._config
     adapter_name = model.active_adapters[0]
     task = len(model.tasks) - 1
+    roles = {"shared": 0, "new_only": 0, "unused": 0}
     for layer in model._layers():
         if layer.layer_name not in before:
             continue
@@ -111,8 +105,10 @@ def _merge_layers(model: ContinualMoEModel, before: Snapshot, roles: dict[str, i
         roles["shared"] += int((keep == config.momentum_shared).sum())
         roles["new_only"] += int((keep == config.momentum_new).sum())
         roles["unused"] += int((keep == 1).sum())
-        a, b = experts.stacked()
-        experts.assign_stacked(
-            blend(old_a, a.detach()[: old_a.shape[0]], keep, experts.r),
-            blend(old_b, b.detach()[: old_b.shape[0]], keep, experts.r),
-        )
+        with zero3.gathered(experts.parameters(), modify=True):  # rewritten identically on every rank
+            a, b = experts.stacked()
+            experts.assign_stacked(
+                blend(old_a, a.detach()[: old_a.shape[0]], keep, experts.r),
+                blend(old_b, b.detach()[: old_b.shape[0]], keep, experts.r),
+            )
+    return roles

@@ -515,6 +515,13 @@ class ContinualMoETrainer(Trainer):
 
     def _validate(self, tasks: Sequence[Task]) -> None:
         """Refuse a stream that would fail later, before any training starts."""
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "ContinualMoETrainer does not support FSDP. Between tasks it grows, merges and saves "
+                "adapter weights that FSDP keeps sharded, and FSDP2 would leave the parameters a new task "
+                "adds unsharded (their gradients never synchronised). Use DeepSpeed ZeRO-3 for the same "
+                "parameter sharding (supported across tasks), or ZeRO-2 / DDP; see docs/distributed.md."
+            )
         names = [task.name for task in tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

@@ -48,6 +48,13 @@ def gathered(parameters: Iterable[torch.Tensor], modify: bool = False) -> Iterat
         yield
 
 
-def adapter_parameters(model: nn.Module, prefix: str = "cmoe_") -> list[nn.Parameter]:
-    """The parameters of the continual-MoE adapter in `model` (experts and routers)."""
-    return [parameter for name, parameter in model.named_parameters() if prefix in name]
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `model`'s peft adapters (any peft method), never the base model's.
+
+    A parameter belongs to an adapter when a component of its name is an adapter's name
+    (``...q_proj.lora_A.default.weight``, ``...cmoe_experts.default.lora_A.0``).
+    """
+    adapters = set(getattr(model, "peft_config", None) or ())
+    return [
+        parameter for name, parameter in model.named_parameters() if adapters.intersection(name.split("."))
+    ]

@@ -16,7 +16,8 @@ Scores are normalised exact match (VQA-style), except Grounding: a predicted box
 IoU with the reference box is at least 0.5. CoIN's official scripts score some tasks differently
 (e.g. VQA accuracy over ten annotators), so compare numbers across methods run with this script.
 
-Real run, 8 GPUs, bf16, gradient checkpointing, DeepSpeed ZeRO-2::
+Real run, 8 GPUs, bf16, gradient checkpointing, DeepSpeed ZeRO-2 (``zero3.json`` when the base
+model does not fit on one GPU)::
 
     deepspeed --num_gpus 8 examples/llava_coin.py --coin-root playground/Instructions \\
         --image-root cl_dataset --deepspeed examples/deepspeed/zero2.json --output-dir runs/llava-coin

@@ -70,9 +70,9 @@ def load_dumps(dump: Path) -> tuple[dict, dict]:
     return torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
 
 
-def assert_ranks_identical(rank0: dict, rank1: dict) -> None:
+def assert_ranks_identical(rank0: dict, rank1: dict, locator: bool = True) -> None:
     assert rank0["state"].keys() == rank1["state"].keys()
-    assert any("locator" in key for key in rank0["state"])
+    assert any("locator" in key for key in rank0["state"]) == locator
     for key, value in rank0["state"].items():
         assert torch.equal(value, rank1["state"][key]), key
 
@@ -80,7 +80,7 @@ def assert_ranks_identical(rank0: dict, rank1: dict) -> None:
 def assert_saved_adapter_is(folder: Path, state: dict) -> None:
     """The adapter saved after the last task loads in a plain process with exactly `state`."""
     reloaded = PeftModel.from_pretrained(tiny_llama(), folder)
-    loaded = {key: value for key, value in reloaded.state_dict().items() if "cmoe_" in key}
+    loaded = {key: value for key, value in reloaded.state_dict().items() if "cmoe_" in key or "lora_" in key}
     assert loaded.keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
@@ -157,6 +157,14 @@ def test_zero3_runs_the_methods_when_experts_get_no_tokens_on_one_rank(preset, t
     assert rank1["tokens_to_other_experts"] == 0 and rank0["tokens_to_other_experts"] > 0
     assert_ranks_identical(rank0, rank1)
     assert [len(row) for row in rank0["matrix"]] == [1, 2, 3]
+    assert_saved_adapter_is(tmp_path / "out" / "high", rank0["state"])
+
+
+@needs_deepspeed
+def test_zero3_trains_and_saves_the_plain_lora_baseline(tmp_path):
+    rank0, rank1 = run_stream(tmp_path, "--zero-stage", "3", "--lora")
+    assert_ranks_identical(rank0, rank1, locator=False)
+    assert all(float(value.abs().sum()) > 0 for key, value in rank0["state"].items() if "lora_B" in key)
     assert_saved_adapter_is(tmp_path / "out" / "high", rank0["state"])
 
 

@@ -105,6 +105,14 @@ def test_bad_streams_fail_before_any_training(tmp_path):
     assert trainer.continual_model.tasks == [], "nothing was added or trained"
 
 
+def test_fsdp_is_refused_before_any_training(tmp_path):
+    trainer = trainer_for(moe_model(), tmp_path)
+    trainer.is_fsdp_enabled = True  # what accelerate sets under FSDP (which it offers on GPUs only)
+    with pytest.raises(ValueError, match=r"does not support FSDP.*DeepSpeed ZeRO-3"):
+        trainer.train_tasks(stream())
+    assert trainer.continual_model.tasks == [] and not os.listdir(tmp_path)
+
+
 def test_a_task_without_eval_set_leaves_its_column_empty(tmp_path):
     trainer = trainer_for(moe_model(), tmp_path, max_steps=8)
     low, mid, _ = stream(train=32, evaluate=8)

@@ -17,11 +17,13 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from synthetic_stream import TASKS, TokenCollator, answer_accuracy, records  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task, zero3  # noqa: E402
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def record_writes_under(root: str) -> list[str]:
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--dump", default=None, help="write this rank's final adapter state here")
     parser.add_argument("--zero-stage", type=int, default=None, help="train under DeepSpeed ZeRO")
+    parser.add_argument("--lora", action="store_true", help="train one plain peft LoRA (the baseline)")
     parser.add_argument("--preset", choices=["llava_cmoe", "cl_moe"], default=None)
     parser.add_argument("--starve-rank", type=int, default=None, help="no tokens for experts 1+ on this rank")
     args = parser.parse_args()
@@ -120,6 +123,8 @@ def main() -> None:
     settings = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
     make_config = getattr(ContinualMoEConfig, args.preset) if args.preset else ContinualMoEConfig
     config = make_config(**settings)
+    if args.lora:  # the forgetting baseline: one shared LoRA on the same layers
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS)
     model = get_peft_model(tiny_llama(), config)
     training_args = ContinualTrainingArguments(
         output_dir=args.output_dir,
@@ -157,7 +162,11 @@ def main() -> None:
         os.makedirs(args.dump, exist_ok=True)
         rank = training_args.process_index
         with zero3.gathered(model.parameters()):  # ZeRO-3 holds a slice of each parameter
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "cmoe_" in k}
+            state = {
+                k: v.detach().cpu().clone()
+                for k, v in model.state_dict().items()
+                if "cmoe_" in k or "lora_" in k
+            }
         dump = {"state": state, "matrix": result.accuracy_matrix, "written": sorted(set(written))}
         if starved is not None:
             dump["tokens_to_other_experts"] = starved[0]
