@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from cmoe_adapters import ContinualMoEConfig, zero3
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "continual_stream.py"
@@ -103,6 +105,18 @@ def zero_run(tmp_path_factory):
         return runs[stage]
 
     return run
+
+
+def test_zero3_helpers_pick_adapter_parameters_only_and_do_nothing_without_deepspeed():
+    moe = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1))
+    moe.add_task("a")
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for model, marker in ((moe, "cmoe_"), (lora, "lora_")):
+        expected = [p for name, p in model.named_parameters() if marker in name]
+        assert expected and zero3.adapter_parameters(model) == expected
+    parameter = zero3.adapter_parameters(moe)[0]
+    with zero3.gathered([parameter], modify=True):  # plain tensors: nothing to gather
+        assert zero3.full_shape(parameter) == parameter.shape and not zero3.is_partitioned(parameter)
 
 
 def test_ddp_gives_identical_ranks_and_only_rank_0_writes(ddp_run):

@@ -143,6 +143,14 @@ def test_save_and_load_keep_vaes_and_calibration(model, tmp_path):
         trainable(input_ids=ids)
 
 
+def test_locator_weights_are_fitted_buffers_not_parameters(model):
+    """Sharding (ZeRO-3) and optimizers must never see the locator: it is fitted by its own loop."""
+    assert not any("cmoe_locator" in name for name, _ in model.named_parameters())
+    weights = [b for name, b in model.named_buffers() if "cmoe_locator" in name and name.endswith(".weight")]
+    assert len(weights) == 3 * 4, "4 linear layers per task's VAE"
+    assert all(float(w.abs().sum()) > 0 for w in weights), "fitted, not left at zero"
+
+
 def test_one_task_needs_no_locator(input_ids):
     model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1))
     model.add_task("only")
