@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
+import torch
 
 from cmoe_adapters import demo, easyvqa
 from cmoe_adapters.easyvqa import build_tiny_llava
@@ -84,3 +86,19 @@ def test_the_real_demo_shows_forgetting_and_keeps_the_continual_moe_from_it(tmp_
     assert moe["bwt"] >= -0.02
     assert moe["locator_accuracy"] >= 0.98
     assert moe["final_average"] > lora["final_average"] + 0.3
+
+
+def test_pretraining_collator_with_processed_pixels_matches_the_processor():
+    """Stage 2 of the base pretraining feeds cached pixels; the batch must be the processor's."""
+    from cmoe_adapters.easyvqa.collate import VQACollator
+    from cmoe_adapters.easyvqa.pretrain import _caption_record, _match_record, _pixels
+
+    _, processor = build_tiny_llava()
+    ids = [0, 1, 2]
+    records = [_caption_record(0), _match_record(1, random.Random(0)), _caption_record(2)]
+    collator = VQACollator(processor)
+    reference = collator(records)
+    cached = collator([{**r, "image": None} for r in records], pixel_values=_pixels(processor, ids))
+    assert reference.keys() == cached.keys()
+    for key, value in reference.items():
+        assert torch.equal(value, cached[key]), key

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from .tiny_llava import chat_prompt
+from .tiny_llava import IMAGE, NUM_IMAGE_TOKENS, chat_prompt
 
 IGNORE_INDEX = -100
 
@@ -38,7 +38,13 @@ class VQACollator:
             self._target_len[answer] = n
         return n
 
-    def _encode(self, records: Sequence[dict], texts: list[str]) -> dict[str, torch.Tensor]:
+    def _encode(
+        self, records: Sequence[dict], texts: list[str], pixel_values: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if pixel_values is not None:  # images already processed: only the text is left to do
+            expanded = [text.replace(IMAGE, IMAGE * NUM_IMAGE_TOKENS) for text in texts]
+            batch = self.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+            return {**batch, "pixel_values": pixel_values}
         batch = self.processor(
             images=[r["image"] for r in records],
             text=texts,
@@ -52,10 +58,13 @@ class VQACollator:
         """Left-padded prompts (question with `<image>`, ending in "assistant :") for `model.generate`."""
         return self._encode(records, [chat_prompt(r["question"]) for r in records])
 
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, records: Sequence[dict], pixel_values: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The batch; `pixel_values` (the records' images, already processed) skips the images."""
         eos = self.tokenizer.eos_token
         texts = [f"{chat_prompt(r['question'])} {r['answer']} {eos}" for r in records]
-        batch = self._encode(records, texts)
+        batch = self._encode(records, texts, pixel_values)
         ids = batch["input_ids"]
         n_target = torch.tensor([self._n_target(r["answer"]) for r in records])
         position = torch.arange(ids.shape[1])
