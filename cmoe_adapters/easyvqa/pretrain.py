@@ -48,7 +48,7 @@ from .collate import VQACollator, generate_answers
 from .tasks import COLORS, SHAPES, image_labels, load_image
 from .tiny_llava import NUM_IMAGE_TOKENS, build_tiny_llava
 
-CACHE_NAME = "easyvqa-base-v2"
+CACHE_NAME = "easyvqa-base-v1"  # stage 2 on cached pixels gives the same weights, bit for bit
 METRICS_FILE = "pretrain_metrics.json"
 CAPTION_PROMPT = "describe the image"
 MATCH_PROMPT = "match"
@@ -320,7 +320,7 @@ def _load(path: Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
 def pretrained_base(
     cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The pretrained tiny LLaVA and its processor, from ``<cache_dir>/easyvqa-base-v2-seed<seed>``.
+    """The pretrained tiny LLaVA and its processor, from ``<cache_dir>/easyvqa-base-v1-seed<seed>``.
 
     `cache_dir` defaults to `default_cache_root()`. On a miss the base is pretrained (~1.5 min on
     two idle cores), saved into a temporary directory beside the target and moved into place with
