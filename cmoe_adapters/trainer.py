@@ -111,6 +111,33 @@ def _gather_rows(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(_gather_objects(features.cpu()))
 
 
+def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) -> TrainingArguments:
+    """Activation checkpointing under ZeRO-3 must be reentrant (a copy of `args` says so).
+
+    Non-reentrant checkpointing keeps live references to frozen parameters, which ZeRO-3 empties
+    when a module's forward ends; the recompute then fails its shape check ("Recomputed values ...
+    have different metadata"), a DeepSpeed bug that hits every peft model (frozen base). Reentrant
+    checkpointing needs inputs that require grad, hence `enable_input_require_grads`.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (getattr(args, "activation_checkpointing", False) and is_deepspeed_zero3_enabled()):
+        return args
+    options = dict(args.activation_checkpointing_kwargs or {})
+    if options.get("use_reentrant") is False:
+        warnings.warn(
+            "use_reentrant=False does not work with DeepSpeed ZeRO-3 and frozen parameters (a DeepSpeed "
+            "bug): this trainer uses reentrant activation checkpointing instead.",
+            stacklevel=3,
+        )
+    options["use_reentrant"] = True
+    args = copy.copy(args)
+    args.activation_checkpointing_kwargs = options
+    if model is not None and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return args
+
+
 class ContinualMoETrainer(Trainer):
     """Trains a `ContinualMoEConfig` model (or a plain peft model, as a baseline) task by task.
 
@@ -135,6 +162,7 @@ class ContinualMoETrainer(Trainer):
             )
             args = copy.copy(args)
             args.push_to_hub = False
+        args = _reentrant_checkpointing_under_zero3(model, args)
         super().__init__(model=model, args=args, **kwargs)
         self.continual_output_dir = args.output_dir
         self.result = ContinualResult()

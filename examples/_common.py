@@ -113,8 +113,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str) ->
 def apply_tiny_settings(args: argparse.Namespace) -> None:
     """Shrink the run for `--tiny` (only sizes and devices; the code path stays the same)."""
     for name, value in TINY_SETTINGS.items():
-        setattr(args, name, value)
-    args.deepspeed = None
+        setattr(args, name, value)  # --deepspeed is kept: DeepSpeed also runs on CPU (gloo)
     if args.push_to_hub:
         raise SystemExit("--tiny runs offline: leave out --push-to-hub.")
 

@@ -177,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.path.join(root, "cl_dataset"),
             )
             args.tasks, args.grounding_max_new_tokens = list(TINY_TASKS), 6
-        training_args = _common.training_arguments(args)  # before the model: ZeRO-3 loads it sharded
-        if args.tiny:
+            # built whole on the CPU (a ZeRO-3 engine partitions it when the first task starts)
             model, processor = _tiny.tiny_llava(corpus, seed=args.seed)
-        else:
+        training_args = _common.training_arguments(args)  # before the model: ZeRO-3 loads it sharded
+        if not args.tiny:
             from transformers import AutoProcessor, LlavaForConditionalGeneration
 
             model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16)

@@ -172,10 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.task, corpus = write_tiny_tasks(root)
             args.image_root = root
             args.min_pixels = args.max_pixels = TINY_SIDE * TINY_SIDE
-        training_args = _common.training_arguments(args)  # before the model: ZeRO-3 loads it sharded
-        if args.tiny:
+            # built whole on the CPU (a ZeRO-3 engine partitions it when the first task starts)
             model, processor = _tiny.tiny_qwen2_vl(corpus, seed=args.seed)
-        else:
+        training_args = _common.training_arguments(args)  # before the model: ZeRO-3 loads it sharded
+        if not args.tiny:
             from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
             model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16)

@@ -184,13 +184,16 @@ def test_zero3_trains_and_saves_the_plain_lora_baseline(tmp_path):
 
 @needs_deepspeed
 def test_llava_coin_example_runs_under_zero3_with_the_shipped_config(tmp_path):
-    """The real example (tiny LLaVA, real processor, generative evaluation) with zero3.json."""
+    """The real example (tiny LLaVA, real processor, generative evaluation, activation
+    checkpointing) with zero3.json."""
     output_dir = tmp_path / "out"
     finished = torchrun(
         ROOT / "examples" / "llava_coin.py",
         "--tiny",
         "--output-dir",
         str(output_dir),
+        "--save-steps",
+        "6",
         "--deepspeed",
         str(ROOT / "examples" / "deepspeed" / "zero3.json"),
     )
@@ -198,4 +201,9 @@ def test_llava_coin_example_runs_under_zero3_with_the_shipped_config(tmp_path):
     tasks = ["ScienceQA", "ImageNet", "Grounding"]
     for task in tasks:
         assert (output_dir / task / "adapter_model.safetensors").is_file(), task
+        # only ZeRO-3 checkpoints hold a model-state partition per rank: DeepSpeed really ran
+        partitions = output_dir.glob(
+            f"checkpoints/{task}/checkpoint-*/global_step*/zero_pp_rank_1_*model_states.pt"
+        )
+        assert any(partitions), f"no ZeRO-3 checkpoint for {task}"
     assert "locator_accuracy" in (output_dir / "results.json").read_text()
