@@ -140,6 +140,9 @@ def test_deepspeed_zero_matches_ddp_across_tasks(stage, zero_run, ddp_run):
         assert row == pytest.approx(reference_row, abs=1 / 24 + 1e-6)  # at most one answer of 24 apart
     assert rank0["matrix"] == rank1["matrix"]
     assert all(RANK_1_OWN_FILES.match(path) for path in rank1["written"]), rank1["written"]
+    # DeepSpeed really ran: rank 1 wrote its engine's partitions (ZeRO-3 also partitions the model)
+    partitions = "model_states" if stage == 3 else "optim_states"
+    assert any(path.endswith(f"zero_pp_rank_1_mp_rank_00_{partitions}.pt") for path in rank1["written"])
     assert_saved_adapter_is(folder / "out" / "high", rank0["state"])
 
 
