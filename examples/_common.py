@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from cmoe_adapters import (
     ContinualMoEConfig,
     ContinualMoETrainer,
@@ -199,6 +201,9 @@ def run_stream(
     result = trainer.train_tasks(tasks, resume_from_checkpoint=args.resume)
     if trainer.is_world_process_zero():
         print_result(result, args.output_dir)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # exit together, with no communication thread left running
+        torch.distributed.destroy_process_group()
     return result
 
 

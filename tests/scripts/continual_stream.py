@@ -171,6 +171,9 @@ def main() -> None:
         if starved is not None:
             dump["tokens_to_other_experts"] = starved[0]
         torch.save(dump, os.path.join(args.dump, f"rank{rank}.pt"))
+    if torch.distributed.is_initialized():  # a clean exit: no communication thread left running
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
