@@ -210,3 +210,28 @@ def test_llava_coin_example_runs_under_zero3_with_the_shipped_config(tmp_path):
         )
         assert any(partitions), f"no ZeRO-3 checkpoint for {task}"
     assert "locator_accuracy" in (output_dir / "results.json").read_text()
+
+
+def test_zero3_switches_activation_checkpointing_to_reentrant(monkeypatch, tmp_path):
+    """Non-reentrant checkpointing fails under ZeRO-3 with frozen parameters (a DeepSpeed bug)."""
+    import transformers.integrations
+
+    from cmoe_adapters import ContinualTrainingArguments
+    from cmoe_adapters.trainer import _reentrant_checkpointing_under_zero3
+
+    model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1))
+    args = ContinualTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+    )
+    assert _reentrant_checkpointing_under_zero3(model, args) is args, "nothing changes without ZeRO-3"
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.warns(UserWarning, match="use_reentrant=False does not work with DeepSpeed ZeRO-3"):
+        changed = _reentrant_checkpointing_under_zero3(model, args)
+    assert changed.activation_checkpointing_kwargs == {"use_reentrant": True}
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}, "the caller's args are untouched"
+    embeddings = model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embeddings.requires_grad, "reentrant checkpointing needs inputs that require grad"
