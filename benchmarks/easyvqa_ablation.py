@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task
+from cmoe_adapters._peft import adapter_parameters
 from cmoe_adapters.architectures import default_target_modules
 from cmoe_adapters.data import VisionLanguageCollator
 from cmoe_adapters.easyvqa import TASK_ORDER, load_task, pretrained_base
@@ -73,7 +74,7 @@ def run(name: str, config, base, processor, tasks, steps: int, output_dir: str):
     counts = []
     for task in tasks:  # one task at a time, to count what each task adds
         result = trainer.train_task(task)
-        counts.append(adapter_parameters(model))
+        counts.append(parameter_counts(model))
     seconds = time.perf_counter() - start
     added = [counts[0]] + [
         (after[0] - before[0], after[1] - before[1]) for before, after in itertools.pairwise(counts)
@@ -81,16 +82,12 @@ def run(name: str, config, base, processor, tasks, steps: int, output_dir: str):
     return result, seconds, added
 
 
-def adapter_parameters(model) -> tuple[int, int]:
+def parameter_counts(model) -> tuple[int, int]:
     """(adapter weights, locator weights) of a peft model, trainable or frozen.
 
     The locator's VAE weights are buffers (fitted by the locator, not the optimizer).
     """
-    adapter = sum(
-        parameter.numel()
-        for name, parameter in model.named_parameters()
-        if "lora_" in name or "cmoe_" in name
-    )
+    adapter = sum(parameter.numel() for parameter in adapter_parameters(model))
     locator = sum(
         buffer.numel()
         for name, buffer in model.named_buffers()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+from torch import nn
+
 PREFIX = "cmoe_"
 
 
@@ -36,3 +38,15 @@ def register_with_peft(config_cls: type, model_cls: type) -> None:
     )
     for table, value in registrations:
         table[CONTINUAL_MOE] = value
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `model`'s peft adapters (any peft method), never the base model's.
+
+    A parameter belongs to an adapter when a component of its name is an adapter's name
+    (``...q_proj.lora_A.default.weight``, ``...cmoe_experts.default.lora_A.0``).
+    """
+    adapters = set(getattr(model, "peft_config", None) or ())
+    return [
+        parameter for name, parameter in model.named_parameters() if adapters.intersection(name.split("."))
+    ]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ._peft import adapter_parameters
 from .config import ContinualMoEConfig
 from .results import ContinualResult, save_heatmaps, write_atomically
 
@@ -146,7 +147,7 @@ def _run_stream(
         trainer.add_callback(_ReportSteps(shared))
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)
-    parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "cmoe_" in n)
+    parameters = sum(p.numel() for p in adapter_parameters(model))
     return result, time.perf_counter() - start, parameters
 
 

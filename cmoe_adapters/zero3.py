@@ -17,7 +17,10 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch import nn
+
+from ._peft import adapter_parameters
+
+__all__ = ["adapter_parameters", "full_shape", "gathered", "is_partitioned"]
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:
@@ -46,15 +49,3 @@ def gathered(parameters: Iterable[torch.Tensor], modify: bool = False) -> Iterat
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
-
-
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of `model`'s peft adapters (any peft method), never the base model's.
-
-    A parameter belongs to an adapter when a component of its name is an adapter's name
-    (``...q_proj.lora_A.default.weight``, ``...cmoe_experts.default.lora_A.0``).
-    """
-    adapters = set(getattr(model, "peft_config", None) or ())
-    return [
-        parameter for name, parameter in model.named_parameters() if adapters.intersection(name.split("."))
-    ]
