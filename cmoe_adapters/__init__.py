@@ -4,12 +4,17 @@ Importing the package registers the method with peft, so `get_peft_model(model,
 ContinualMoEConfig(...))` and `PeftModel.from_pretrained(...)` work as for any peft method.
 """
 
-from ._peft import CONTINUAL_MOE, register_with_peft
-from .config import ContinualMoEConfig
-from .experts import ContinualMoELayer
-from .model import ContinualMoEModel
-from .results import ContinualResult
-from .trainer import ContinualMoETrainer, ContinualTrainingArguments, Task
+# First, before anything imports peft/transformers/torch: a clear error if their versions are off.
+from .dependencies import check_dependencies
+
+check_dependencies()
+
+from ._peft import CONTINUAL_MOE, register_with_peft  # noqa: E402
+from .config import ContinualMoEConfig  # noqa: E402
+from .experts import ContinualMoELayer  # noqa: E402
+from .model import ContinualMoEModel  # noqa: E402
+from .results import ContinualResult  # noqa: E402
+from .trainer import ContinualMoETrainer, ContinualTrainingArguments, Task  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 

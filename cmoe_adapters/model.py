@@ -23,10 +23,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from . import shards, zero3
+from ._compat import without_cache
 from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig, validate_task_name
@@ -121,7 +122,7 @@ class ContinualMoEModel(BaseTuner):
         matched = [
             name
             for name in linear_layer_names(model)
-            if (hit := check_target_module_exists(peft_config, name)) and not isinstance(hit, _ExcludedModule)
+            if check_target_module_exists(peft_config, name)  # an excluded module's answer is falsy
         ]
         if not matched:
             raise ValueError(
@@ -428,9 +429,9 @@ class ContinualMoEModel(BaseTuner):
         self, args: tuple, kwargs: Mapping[str, Any], masks: PromptMasks
     ) -> torch.Tensor:
         """The frozen base model's last hidden state: one extra forward pass (LLaVA-CMoE's feature)."""
-        skip = {"labels", "past_key_values", "use_cache", "output_hidden_states", "return_dict"}
-        skip.add("logits_to_keep")
-        inputs = {k: v for k, v in kwargs.items() if k not in skip}
+        # generate's KV cache (whatever its keyword in this transformers) must not see this pass
+        skip = {"labels", "use_cache", "output_hidden_states", "return_dict", "logits_to_keep"}
+        inputs = {k: v for k, v in without_cache(kwargs).items() if k not in skip}
         self._in_base_pass, self._routing.bypass = True, True
         try:
             with torch.no_grad():
@@ -553,6 +554,11 @@ class ContinualMoEModel(BaseTuner):
             yield buffer
         finally:
             self._collect_into = previous
+
+    @property
+    def feature_buffer_in_use(self) -> FeatureBuffer | None:
+        """The buffer that forward passes fill right now (inside `collecting_locator_features`)."""
+        return self._collect_into
 
     def collect_locator_features(
         self, batches: Iterable[Mapping[str, Any]], task: str | None = None, progress: bool = True

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
 from . import expansion, hub, momentum, shards, zero3
+from ._compat import activation_checkpointing, loss_is_scaled_for_ga, with_checkpointing_kwargs
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .locator import FeatureBuffer
@@ -121,9 +122,9 @@ def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) ->
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if not (getattr(args, "activation_checkpointing", False) and is_deepspeed_zero3_enabled()):
+    enabled, options = activation_checkpointing(args)
+    if not (enabled and is_deepspeed_zero3_enabled()):
         return args
-    options = dict(args.activation_checkpointing_kwargs or {})
     if options.get("use_reentrant") is False:
         warnings.warn(
             "use_reentrant=False does not work with DeepSpeed ZeRO-3 and frozen parameters (a DeepSpeed "
@@ -131,11 +132,43 @@ def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) ->
             stacklevel=3,
         )
     options["use_reentrant"] = True
-    args = copy.copy(args)
-    args.activation_checkpointing_kwargs = options
+    args = with_checkpointing_kwargs(args, options)
     if model is not None and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return args
+
+
+class _LocatorFeaturesInCheckpoints(TrainerCallback):
+    """Adds every process's collected locator features to each Trainer checkpoint (rank 0 writes).
+
+    An interrupted task then resumes with the features its finished steps collected, so its
+    locator is fitted on the same samples as in an uninterrupted run. `on_save` runs on every
+    process right after the Trainer wrote the checkpoint, which the gather needs.
+    """
+
+    def __init__(self, trainer: ContinualMoETrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        cmoe = self.trainer.continual_model
+        buffer = cmoe.feature_buffer_in_use if cmoe is not None else None
+        if buffer is None:
+            return
+        entry = None if len(buffer) == 0 else (buffer.tensor(), buffer.seen, buffer.random_state())
+        entries = _gather_objects(entry)
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        kept = {rank: entry for rank, entry in enumerate(entries) if entry is not None}
+        save_file(
+            {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()},
+            os.path.join(folder, f"{LOCATOR_FEATURES}.safetensors"),
+        )
+        meta = {
+            f"rank{rank}": {"seen": seen, "random_state": random} for rank, (_, seen, random) in kept.items()
+        }
+        with open(os.path.join(folder, f"{LOCATOR_FEATURES}.json"), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle)
 
 
 class ContinualMoETrainer(Trainer):
@@ -164,6 +197,7 @@ class ContinualMoETrainer(Trainer):
             args.push_to_hub = False
         args = _reentrant_checkpointing_under_zero3(model, args)
         super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_LocatorFeaturesInCheckpoints(self))
         self.continual_output_dir = args.output_dir
         self.result = ContinualResult()
         self._seen: dict[str, Task] = {}
@@ -471,29 +505,6 @@ class ContinualMoETrainer(Trainer):
         by_name = {task.name: task for task in tasks}
         self._seen = {name: by_name[name] for name in saved.tasks}
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, plus every process's locator features (written by rank 0)."""
-        super()._save_checkpoint(model, trial)
-        cmoe = self.continual_model
-        buffer = cmoe._collect_into if cmoe is not None else None
-        if buffer is None:
-            return
-        state = None if len(buffer) == 0 else (buffer.tensor(), buffer.seen, buffer.random_state())
-        states = _gather_objects(state)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        kept = {rank: entry for rank, entry in enumerate(states) if entry is not None}
-        save_file(
-            {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()},
-            os.path.join(folder, f"{LOCATOR_FEATURES}.safetensors"),
-        )
-        meta = {
-            f"rank{rank}": {"seen": seen, "random_state": random} for rank, (_, seen, random) in kept.items()
-        }
-        with open(os.path.join(folder, f"{LOCATOR_FEATURES}.json"), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle)
-
     def _load_feature_buffer(self, checkpoint: str, buffer: FeatureBuffer) -> None:
         stem = os.path.join(checkpoint, LOCATOR_FEATURES)
         key = f"rank{self.args.process_index}"
@@ -516,13 +527,9 @@ class ContinualMoETrainer(Trainer):
         aux = cmoe.router_aux_loss() if cmoe is not None and model.training else None
         if aux is None:
             return output
-        if self.loss_is_scaled_for_ga is not None:
-            scaled_for_ga = self.loss_is_scaled_for_ga
-        else:
-            scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        if scaled_for_ga:  # the Trainer will not divide by the accumulation steps: do it for aux
+        if loss_is_scaled_for_ga(
+            self, num_items_in_batch
+        ):  # the Trainer will not divide by the accumulation steps: do it for aux
             aux = aux / getattr(
                 self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
             )

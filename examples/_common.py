@@ -23,6 +23,7 @@ from cmoe_adapters import (
     ContinualTrainingArguments,
     Task,
 )
+from cmoe_adapters._compat import checkpointing_argument  # the argument's name moved within transformers 5.x
 from cmoe_adapters.data import VisionLanguageCollator
 
 # transformers warns about its own deprecated alias whenever peft asks; nothing to act on here
@@ -156,7 +157,7 @@ def training_arguments(args: argparse.Namespace) -> ContinualTrainingArguments:
         weight_decay=0.0,
         bf16=not args.tiny,
         use_cpu=args.tiny,
-        activation_checkpointing=args.gradient_checkpointing,
+        **checkpointing_argument(args.gradient_checkpointing),
         deepspeed=args.deepspeed,
         logging_steps=args.logging_steps,
         save_strategy="steps",

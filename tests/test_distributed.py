@@ -217,21 +217,23 @@ def test_zero3_switches_activation_checkpointing_to_reentrant(monkeypatch, tmp_p
     import transformers.integrations
 
     from cmoe_adapters import ContinualTrainingArguments
+    from cmoe_adapters._compat import (
+        activation_checkpointing,
+        checkpointing_argument,
+        with_checkpointing_kwargs,
+    )
     from cmoe_adapters.trainer import _reentrant_checkpointing_under_zero3
 
     model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1))
     args = ContinualTrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], **checkpointing_argument(True)
     )
+    args = with_checkpointing_kwargs(args, {"use_reentrant": False})
     assert _reentrant_checkpointing_under_zero3(model, args) is args, "nothing changes without ZeRO-3"
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     with pytest.warns(UserWarning, match="use_reentrant=False does not work with DeepSpeed ZeRO-3"):
         changed = _reentrant_checkpointing_under_zero3(model, args)
-    assert changed.activation_checkpointing_kwargs == {"use_reentrant": True}
-    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}, "the caller's args are untouched"
+    assert activation_checkpointing(changed) == (True, {"use_reentrant": True})
+    assert activation_checkpointing(args) == (True, {"use_reentrant": False}), "caller's args untouched"
     embeddings = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert embeddings.requires_grad, "reentrant checkpointing needs inputs that require grad"

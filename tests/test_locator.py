@@ -8,6 +8,7 @@ from conftest import randomize_experts, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig
+from cmoe_adapters._compat import enable_activation_checkpointing
 from cmoe_adapters.locator import TaskLocator, raw_scores, stack_vaes
 
 # Each synthetic task speaks its own slice of the vocabulary, as VQA tasks differ in wording.
@@ -101,7 +102,7 @@ def test_generation_with_located_tasks_equals_true_tasks_with_one_forward_per_st
 def test_training_collects_each_sample_once_even_with_gradient_checkpointing():
     model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1))
     model.add_task("low")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     model.train()
     ids = task_batch("low", 5, seed=0)
     with model.collecting_locator_features() as buffer:

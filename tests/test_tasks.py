@@ -8,6 +8,7 @@ from conftest import randomize_experts, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoELayer
+from cmoe_adapters._compat import enable_activation_checkpointing
 
 
 def make_model(**config) -> PeftModel:
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(input_ids):
         model.add_task("a")
         randomize_experts(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         model.train()
         out = model(input_ids=input_ids, labels=input_ids, task="a")
         (out.loss + model.router_aux_loss()).backward()
