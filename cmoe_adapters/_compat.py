@@ -10,6 +10,8 @@ Renamed in transformers 5.x (both names are in the supported range ``>=5.0,<6``)
   (the old names stay as deprecated aliases until v6); ``PreTrainedModel.gradient_checkpointing_enable``
   became ``activation_checkpointing_enable`` likewise.
 - The key-value cache argument of ``forward`` went from ``past_key_values`` to ``cache``.
+- PIL-backed image processors became ``<Name>Pil`` (the plain name now needs torchvision).
+- ``Trainer.loss_is_scaled_for_ga`` appeared (before, the rule it states was implicit).
 """
 
 from __future__ import annotations
@@ -81,3 +83,14 @@ def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
         return bool(explicit)
     accepts = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
     return accepts or trainer.compute_loss_func is not None
+
+
+def pil_image_processor_class(name: str) -> type:
+    """The PIL-backed image processor `name` (e.g. ``"CLIPImageProcessor"``), which needs no torchvision.
+
+    Newer transformers name it ``<name>Pil`` (``<name>`` itself then needs torchvision); in 5.0
+    ``<name>`` is the PIL one and ``<name>Fast`` the torchvision one.
+    """
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)

@@ -13,12 +13,15 @@ the pushed state does not have are deleted in the same commit.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.hf_api import RepoFile
 
 from .results import ContinualResult, write_atomically
 from .shards import SHARD_GLOB
@@ -57,28 +60,49 @@ class HubTarget:
         api = self.api()
         message = f"State after task '{task}'"
         if latest:
-            commit = api.upload_folder(
-                repo_id=self.repo_id,
-                folder_path=folder,
-                revision=self.branch,
-                commit_message=message,
-                delete_patterns=SHARD_GLOB,
-            ).oid
+            commit = self._commit_changes(api, folder, self.branch, message)
         else:  # an older task retried after a newer one landed: keep main where it is
             side = f"cmoe-pending-{task}"
             api.create_branch(self.repo_id, branch=side, revision=self.branch, exist_ok=True)
             try:
-                commit = api.upload_folder(
-                    repo_id=self.repo_id,
-                    folder_path=folder,
-                    revision=side,
-                    commit_message=message,
-                    delete_patterns=SHARD_GLOB,
-                ).oid
+                commit = self._commit_changes(api, folder, side, message)
             finally:
                 api.delete_branch(self.repo_id, branch=side)
         self._tag(api, task, commit)
         return commit
+
+    def _commit_changes(self, api: HfApi, folder: str, revision: str, message: str) -> str:
+        """One commit on `revision` that makes it hold exactly `folder`'s files; returns its id.
+
+        Only files whose content differs from the revision's are sent (the shards of older tasks
+        are already there), and shards that `folder` lacks are deleted; with nothing to change no
+        commit is made and the revision's head is returned. Decided here from the file digests,
+        not left to the client, whose ``upload_folder`` resends unchanged files before
+        huggingface_hub 2.
+        """
+        remote = {
+            entry.path: entry
+            for entry in api.list_repo_tree(self.repo_id, revision=revision, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+        local = {
+            os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"): os.path.join(root, name)
+            for root, _, names in os.walk(folder)
+            for name in names
+        }
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=full)
+            for path, full in sorted(local.items())
+            if path not in remote or not _same_content(full, remote[path])
+        ]
+        operations += [
+            CommitOperationDelete(path_in_repo=path)
+            for path in sorted(remote)
+            if path not in local and fnmatch.fnmatch(path, SHARD_GLOB)
+        ]
+        if not operations:
+            return api.repo_info(self.repo_id, revision=revision).sha
+        return api.create_commit(self.repo_id, operations, commit_message=message, revision=revision).oid
 
     def _tag(self, api: HfApi, task: str, commit: str) -> None:
         refs = api.list_repo_refs(self.repo_id)
@@ -88,6 +112,21 @@ class HubTarget:
         if task in existing:  # a re-push after a resume: the tag moves to the new state
             api.delete_tag(self.repo_id, tag=task)
         api.create_tag(self.repo_id, tag=task, revision=commit, tag_message=f"State after task '{task}'")
+
+
+def _same_content(path: str, remote: RepoFile) -> bool:
+    """Whether the local file at `path` has the content of the remote file (by its LFS or git digest)."""
+    if remote.lfs is not None:
+        digest = hashlib.sha256()
+        expected = remote.lfs.sha256
+    else:  # a plain git blob: sha1 of "blob <size>\0" + content
+        digest = hashlib.sha1()
+        digest.update(f"blob {os.path.getsize(path)}\0".encode())
+        expected = remote.blob_id
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == expected
 
 
 def read_pending(output_dir: str) -> list[str]:

@@ -24,7 +24,6 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -34,9 +33,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
 )
+
+from cmoe_adapters._compat import pil_image_processor_class  # renamed within transformers 5.x
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -205,7 +205,9 @@ def tiny_llava(corpus: Iterable[str], seed: int = 0) -> tuple[LlavaForConditiona
         model_max_length=512,
     )
     image_size, patch_size = 32, 8
-    image_processor = CLIPImageProcessorPil(  # LLaVA-1.5's resize + centre crop, at toy size
+    image_processor = pil_image_processor_class(
+        "CLIPImageProcessor"
+    )(  # LLaVA-1.5's resize + centre crop, at toy size
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
@@ -298,7 +300,9 @@ def tiny_qwen2_vl(
         model_max_length=512,
     )
     patch_size, merge_size, side = 4, 2, 32
-    image_processor = Qwen2VLImageProcessorPil(  # every image becomes 32x32 pixels: 8x8 patches
+    image_processor = pil_image_processor_class(
+        "Qwen2VLImageProcessor"
+    )(  # every image becomes 32x32 pixels: 8x8 patches
         size={"shortest_edge": side * side, "longest_edge": side * side},
         patch_size=patch_size,
         temporal_patch_size=2,

@@ -321,6 +321,11 @@ class FakeHub:
         with self._lock:
             self._faults.append(_Fault(n, path_contains, method, status, disconnect, apply_first))
 
+    def clear_faults(self) -> None:
+        """Forget every injected fault not used yet (the network is back), however many the client used."""
+        with self._lock:
+            self._faults.clear()
+
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         """The stored repository (KeyError if missing); use it to inspect files, branches, tags, private."""
         return self.repos[(repo_type, repo_id)]
@@ -998,7 +1003,8 @@ def point_hf_client_at(
     }
     with pytest.MonkeyPatch.context() as mp:
         for name, value in values.items():
-            mp.setattr(constants, name, value)
+            if hasattr(constants, name):  # a constant this huggingface_hub lacks is one it never reads
+                mp.setattr(constants, name, value)
         mp.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
         if instant_retries:
             mp.setattr(_http, "time", _InstantTime())

@@ -231,3 +231,28 @@ def test_import_fails_fast_with_the_message_in_a_fresh_interpreter(tmp_path: Pat
     )
     assert heavy.returncode == 0, heavy.stderr
     assert heavy.stdout.split() == ["DependencyVersionError", "[]"]
+
+
+def test_ci_constraints_pin_exactly_the_declared_lower_bounds() -> None:
+    """CI's oldest run (constraints/oldest.txt) must test every floor setup.cfg declares, and no other."""
+    import configparser
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    floors = {}
+    for line in setup["options"]["install_requires"].strip().splitlines():
+        req = Requirement(line)
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{line}: every core dependency needs one lower bound CI can test"
+        floors[canonicalize_name(req.name)] = Version(lower[0])
+    pinned = {}
+    for line in (root / "constraints" / "oldest.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, value = line.partition("==")
+            pinned[canonicalize_name(name)] = Version(value)
+    assert pinned == floors

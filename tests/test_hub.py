@@ -102,7 +102,7 @@ def test_a_network_error_half_way_through_a_push(tmp_path, hub_server):
     hub_server.fail_next(n=10, path_contains="/commit/", disconnect=True)
     with pytest.warns(UserWarning, match="Pushing task 'low'"):
         trainer.train_task(low)
-    hub_server.fail_next(n=0)
+    hub_server.clear_faults()  # older clients retry less, so some injected failures may be left
     assert read_pending(str(tmp_path / "out")) == ["low"]
     assert trainer.push_pending() == [] and "low" in hub_server.repo(REPO).tags
 

@@ -13,6 +13,7 @@ Mllama pad rows get an all-zero cross-attention mask).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -464,4 +465,8 @@ def build_tiny_vlm(name: str, seed: int = 0) -> TinyVLM:
         raise ValueError(f"unknown architecture {name!r}; expected one of {ARCHITECTURES}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    return _BUILDERS[name](gen)
+    vlm = _BUILDERS[name](gen)
+    # inputs this transformers' model does not name yet (Qwen-VL's mm_token_type_ids came in 5.x)
+    accepted = inspect.signature(vlm.model.forward).parameters
+    vlm.batch = {key: value for key, value in vlm.batch.items() if key in accepted}
+    return vlm
