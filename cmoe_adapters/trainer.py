@@ -516,6 +516,22 @@ class ContinualMoETrainer(Trainer):
             rows = load_file(f"{stem}.safetensors")[key]
             buffer.restore(rows, meta[key]["seen"], meta[key]["random_state"])
 
+    # -- optimizer ------------------------------------------------------------------------------
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The Trainer's optimizer without empty parameter groups under DeepSpeed.
+
+        A LoRA adapter has nothing for the Trainer's no-weight-decay group, and DeepSpeed's engine
+        drops empty groups from the optimizer it is given. transformers 5.0 builds the scheduler on
+        that optimizer before the engine does (its scheduler then steps one group too many and
+        fails at the first step); newer releases build it afterwards. Dropping them here suits both.
+        The signature is ``()`` in transformers 5.0 and ``(model=None)`` later, hence the passthrough.
+        """
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.is_deepspeed_enabled and isinstance(optimizer, torch.optim.Optimizer):  # not a DummyOptim
+            optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
+
     # -- loss and logs --------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
