@@ -24,7 +24,7 @@ from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrai
 from cmoe_adapters._peft import adapter_parameters
 from cmoe_adapters.architectures import default_target_modules
 from cmoe_adapters.data import VisionLanguageCollator
-from cmoe_adapters.easyvqa import TASK_ORDER, load_task, pretrained_base
+from cmoe_adapters.easyvqa import TASK_ORDER, load_task, shipped_base
 
 
 def configs(targets: str) -> dict[str, object]:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated substrings of row names")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base, processor = pretrained_base(progress=False)
+    base, processor = shipped_base()
     tasks = stream(args.train, args.test)
     rows = configs(default_target_modules(base))  # the language model's linears, as the MoE rows
     if args.only:

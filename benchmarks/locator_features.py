@@ -17,7 +17,7 @@ from peft import get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig
 from cmoe_adapters.data import VisionLanguageCollator
-from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, pretrained_base
+from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, shipped_base
 
 CHOICES = [
     ("first_layer_input", "text_image_mean"),
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=250)
     parser.add_argument("--random-base", action="store_true")
     args = parser.parse_args()
-    base, processor = build_tiny_llava(seed=0) if args.random_base else pretrained_base(progress=False)
+    base, processor = build_tiny_llava(seed=0) if args.random_base else shipped_base()
     base.eval()
     kind = "untrained" if args.random_base else "pretrained"
     print(

@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task
 from cmoe_adapters.data import VisionLanguageCollator
-from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, pretrained_base
+from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, shipped_base
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. A base model and its processor. Here: the demo's tiny LLaVA, pretrained once and cached.
-    base, processor = build_tiny_llava(seed=0) if args.tiny else pretrained_base()
+    base, processor = build_tiny_llava(seed=0) if args.tiny else shipped_base()
     steps, task_names, n_train, n_test = args.steps, TASK_ORDER, 2000, 300
     if args.tiny:
         steps, task_names, n_train, n_test = 3, TASK_ORDER[:2], 64, 16
@@ -72,7 +72,7 @@ def main() -> None:
 
     # 5. Any task's state comes back with peft; the task is located per sample when not given.
     last = task_names[-1]
-    fresh_base = build_tiny_llava(seed=0)[0] if args.tiny else pretrained_base()[0]
+    fresh_base = build_tiny_llava(seed=0)[0] if args.tiny else shipped_base()[0]
     reloaded = PeftModel.from_pretrained(fresh_base, f"{args.output_dir}/{last}")
     batch = VisionLanguageCollator(processor).generation_inputs(tasks[0].eval_dataset[:4])
     print("located tasks:", reloaded.locate_tasks(**batch))

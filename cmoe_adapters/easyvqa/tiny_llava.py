@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -34,6 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .._compat import pil_image_processor_class
 from .tasks import COLORS, SHAPES
 
 IMAGE_SIZE = 64
@@ -100,7 +100,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor() -> LlavaProcessor:
     """`LlavaProcessor` = CLIP-style 64x64 image processor + word-level tokenizer + chat template."""
-    image_processor = CLIPImageProcessorPil(  # the PIL backend: torchvision is not a dependency
+    clip_pil = pil_image_processor_class("CLIPImageProcessor")  # torchvision is not a dependency
+    image_processor = clip_pil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=False,
