@@ -27,9 +27,12 @@ if TYPE_CHECKING:
 pytest_plugins = ["hub_server"]  # the `hub_server` fixture
 
 
+HUB_MAJOR = int(huggingface_hub.__version__.split(".")[0])
+
+
 def _transport_error() -> type[Exception]:
     """The network-error class of huggingface_hub's HTTP client: httpx2 from hub 2, httpx before."""
-    client = "httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx"
+    client = "httpx2" if HUB_MAJOR >= 2 else "httpx"
     return importlib.import_module(client).TransportError
 
 
@@ -303,7 +306,6 @@ def test_fail_next_fails_a_commit_and_a_retry_succeeds(hub_server: FakeHub, api:
     assert [r.status for r in hub_server.requests if "/commit/" in r.path] == [200, 500, 200, 500]
 
 
-HUB_MAJOR = int(huggingface_hub.__version__.split(".")[0])
 CLIENT_2 = pytest.mark.skipif(
     HUB_MAJOR < 2,
     reason="checks the fake Hub against a feature of huggingface_hub 2's upload_folder (retried commits, "
