@@ -70,6 +70,11 @@ class ContinualMoEConfig(PeftConfig):
         router_aux_loss_coef: weight of the load-balancing loss (Switch/Mixtral style) that
             `ContinualMoETrainer` adds to the task loss; ``0`` disables it.
         router_init_std: standard deviation of the normal init of a new router's weights.
+        router_max_experts: most experts one task's router chooses among: the task's own new
+            experts, then the old experts most useful to it (those the probe phase saw it use, else
+            those earlier tasks used most), chosen once when the task is added. A task's router,
+            statistics and per-token cost therefore do not grow with the number of tasks before it.
+            Default ``max(8, num_experts + experts_per_task)``.
         modules_to_save: extra modules trained in full and saved with the adapter (peft semantics).
         locator_feature_source: what the task locator looks at. ``"first_layer_input"`` (default):
             the input of the first adapted layer, taken inside the forward pass the model does
@@ -135,6 +140,10 @@ class ContinualMoEConfig(PeftConfig):
     )
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of new routers."})
+    router_max_experts: int | None = field(
+        default=None,
+        metadata={"help": "Most experts one task's router chooses among (default: enough for 2 tasks)."},
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
@@ -181,6 +190,9 @@ class ContinualMoEConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if self.experts_per_task is None:
             self.experts_per_task = self.num_experts
+        counts = (self.num_experts, self.experts_per_task)
+        if self.router_max_experts is None and all(isinstance(n, int) for n in counts):
+            self.router_max_experts = max(8, self.num_experts + self.experts_per_task)
         self._validate()
 
     # -- saving and loading (see shards.py) -------------------------------------------------------
@@ -233,6 +245,14 @@ class ContinualMoEConfig(PeftConfig):
                 errors.append(
                     f"top_k={self.top_k} exceeds num_experts={self.num_experts}: lower top_k, raise "
                     "num_experts, or set top_k=None for dense routing."
+                )
+        if is_int(self.num_experts) and is_int(self.experts_per_task):
+            needed = max(self.num_experts, self.experts_per_task)
+            if not is_int(self.router_max_experts) or self.router_max_experts < needed:
+                errors.append(
+                    f"router_max_experts={self.router_max_experts!r}: a task's router must reach at least "
+                    f"its own new experts (num_experts={self.num_experts}, experts_per_task="
+                    f"{self.experts_per_task}): set it >= {needed}, or leave it None."
                 )
         if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
             errors.append(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: must be >= 0.")
@@ -376,6 +396,14 @@ class ContinualMoEConfig(PeftConfig):
     def task_names(self) -> list[str]:
         """Task names in the order they were added."""
         return [record["name"] for record in self.task_records]
+
+    def router_experts_for(self, task_index: int) -> int | None:
+        """The cap on the experts the router of task `task_index` chooses among (None: all).
+
+        Stored in the task's record when it is added: records written before the cap existed, and
+        the probe phase's temporary task, route among every expert.
+        """
+        return self.task_records[task_index].get("router_max_experts")
 
     def new_experts_for(self, task_index: int, layer_name: str) -> int:
         """How many experts the task at `task_index` added in the layer `layer_name`.

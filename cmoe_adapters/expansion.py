@@ -6,7 +6,8 @@ small share of the task's data (with the balancing loss) shows how often each la
 tokens to its probes. A layer whose probe activation frequency exceeds ``mean - alpha * std``
 over layers needs new capacity and gets ``experts_per_task`` new experts, each initialised from
 the old expert the probe phase used most there; the other layers reuse their frozen experts
-through the new task's router. The probes are then removed. The decision (frequencies, threshold,
+through the new task's router, which reaches first (up to ``router_max_experts``) the old experts
+the probe phase used most. The probes are then removed. The decision (frequencies, threshold,
 initialisation) is kept in the task's record in ``adapter_config.json``.
 """
 
@@ -46,19 +47,22 @@ def finish_probe(model: ContinualMoEModel) -> dict[str, Any]:
     config = model._config
     counts = model.usage_counts()
     probes = config.expansion_probe_experts
-    frequencies, most_used = {}, {}
+    frequencies, most_used, ranking = {}, {}, {}
     for layer in model._layers():
         layer_counts = counts[layer.layer_name]
         total = float(layer_counts.sum())
         frequencies[layer.layer_name] = float(layer_counts[-probes:].sum()) / total if total else 0.0
         old = layer_counts[:-probes]
-        most_used[layer.layer_name] = int(old.argmax()) if old.numel() else 0
+        ranking[layer.layer_name] = old.argsort(descending=True, stable=True).tolist()
+        most_used[layer.layer_name] = ranking[layer.layer_name][0] if old.numel() else 0
     model.remove_last_task()
     expanded, threshold = layers_to_expand(frequencies, config.expansion_alpha)
     new_experts = config.experts_per_task
     return {
         "expanded_layers": expanded,
         "init_from": {name: [most_used[name]] * new_experts for name in expanded},
+        # the task's router reaches first the old experts its probe used most
+        "preferred_experts": ranking,
         "details": {
             "expansion": {
                 "alpha": config.expansion_alpha,

@@ -27,8 +27,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import ContinualMoEConfig
-from .routing import RoutingState, TaskRouters, balancing_loss, route
+from .routing import Routed, RoutingState, TaskRouters, balancing_loss, candidate_experts, route
+from .sparse import prefer_sparse, sparse_lora
 from .zero3 import full_shape
+
+_SELECT_CACHE_SIZE = 8  # tasks whose selected experts inference keeps at hand, per layer
 
 
 class LoRAExperts(nn.Module):
@@ -48,6 +51,7 @@ class LoRAExperts(nn.Module):
         self.lora_B = nn.ParameterList()
         self.block_owner: list[int] = []
         self._stacked_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._select_cache: dict[tuple[int, ...], tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def num_experts(self) -> int:
@@ -96,6 +100,7 @@ class LoRAExperts(nn.Module):
         self.lora_B = nn.ParameterList([nn.Parameter(b, requires_grad=False)])
         self.block_owner = [self.block_owner[-1]]
         self._stacked_cache = None
+        self._select_cache.clear()
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [E*r, d_in], B [E*r, d_out])`` over all experts; cached while no block can change."""
@@ -105,12 +110,55 @@ class LoRAExperts(nn.Module):
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in blocks)
         if needs_graph or self.training:
             self._stacked_cache = None
+            self._select_cache.clear()
             return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B))
         key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in blocks)
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             with torch.no_grad():
                 self._stacked_cache = (key, (torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B))))
         return self._stacked_cache[1]
+
+    def select(self, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [C*r, d_in], B [C*r, d_out])`` of the experts `experts` (ascending), in that order.
+
+        Built block by block: a block taken whole is used as it is (a trainable block keeps its
+        gradient, and nothing else gets one), other rows are gathered. A task's candidates never
+        change, so neither do these values when later tasks add experts. Cached while nothing in it
+        can change (inference).
+        """
+        blocks = list(zip(self.lora_A, self.lora_B, strict=True))
+        needs_graph = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in blocks)
+        versions = ((id(a), a._version, id(b), b._version, a.device, a.dtype) for a, b in blocks)
+        key = (tuple(experts), *versions)
+        cached = None if needs_graph or self.training else self._select_cache.get(tuple(experts))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pieces_a, pieces_b, start, r = [], [], 0, self.r
+        for a, b in blocks:
+            count = full_shape(a)[0] // r
+            inside = [e - start for e in experts if start <= e < start + count]
+            if inside == list(range(count)):
+                pieces_a.append(a)
+                pieces_b.append(b)
+            elif inside:
+                if inside == list(range(inside[0], inside[-1] + 1)):
+                    rows = slice(inside[0] * r, (inside[-1] + 1) * r)
+                    pieces_a.append(a[rows])
+                    pieces_b.append(b[rows])
+                else:
+                    index = torch.tensor(inside, device=a.device)
+                    rows = (index[:, None] * r + torch.arange(r, device=a.device)).flatten()
+                    pieces_a.append(a.index_select(0, rows))
+                    pieces_b.append(b.index_select(0, rows))
+            start += count
+        selected = (
+            (pieces_a[0], pieces_b[0]) if len(pieces_a) == 1 else (torch.cat(pieces_a), torch.cat(pieces_b))
+        )
+        if not (needs_graph or self.training):
+            if len(self._select_cache) >= _SELECT_CACHE_SIZE:
+                self._select_cache.pop(next(iter(self._select_cache)))
+            self._select_cache[tuple(experts)] = (key, tuple(t.detach() for t in selected))
+        return selected
 
     def set_trainable(self, owner: int | None, freeze_old: bool = True) -> None:
         """Train the blocks created by task `owner` (all blocks if not `freeze_old`); None: none."""
@@ -126,6 +174,7 @@ class LoRAExperts(nn.Module):
             self.lora_B = nn.ParameterList(list(self.lora_B)[:-1])
             self.block_owner.pop()
             self._stacked_cache = None
+            self._select_cache.clear()
 
     def assign_stacked(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Overwrite the first ``a.shape[0] // r`` experts with stacked values (in place)."""
@@ -192,8 +241,12 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.router_init_std[adapter_name] = config.router_init_std
         self.freeze_old_experts[adapter_name] = config.freeze_old_experts
         self.dual_router_beta[adapter_name] = config.dual_router_beta if config.dual_router else None
-        for task_index in range(len(config.task_records)):
-            self.add_task(adapter_name, config.new_experts_for(task_index, self.layer_name))
+        for task_index in range(len(config.task_records)):  # candidates are then read from the weights
+            self.add_task(
+                adapter_name,
+                config.new_experts_for(task_index, self.layer_name),
+                max_experts=config.router_experts_for(task_index),
+            )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _adapter_device_dtype(self, adapter_name: str) -> tuple[torch.device, torch.dtype]:
@@ -207,14 +260,32 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         return weight.device, dtype
 
-    def add_task(self, adapter_name: str, new_experts: int, init_from: list[int] | None = None) -> None:
-        """Freeze the past, add `new_experts` experts and a router over all experts for a new task."""
+    def add_task(
+        self,
+        adapter_name: str,
+        new_experts: int,
+        init_from: list[int] | None = None,
+        *,
+        max_experts: int | None = None,
+        preferred: list[int] | None = None,
+    ) -> None:
+        """Freeze the past, add `new_experts` experts and the new task's router.
+
+        The router chooses among the new experts and, up to `max_experts` in all, the old ones
+        `preferred` names first, then those earlier tasks used most (see `candidate_experts`).
+        """
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         device, dtype = self._adapter_device_dtype(adapter_name)
+        old = experts.num_experts
         experts.consolidate()
         experts.grow(new_experts, owner=len(routers), init_from=init_from, device=device, dtype=dtype)
-        routers.add(experts.num_experts, self.router_init_std[adapter_name], device=device, dtype=dtype)
+        old_usage = routers.usage_by_expert(old) if max_experts is not None and len(routers) else None
+        if routers.shared and len(routers):
+            candidates = routers.candidates(0)
+        else:
+            candidates = candidate_experts(old, new_experts, max_experts, preferred, old_usage)
+        routers.add(candidates, self.router_init_std[adapter_name], device=device, dtype=dtype)
 
     def remove_last_task(self, adapter_name: str) -> None:
         """Undo the newest `add_task` (its router, statistics and new experts)."""
@@ -277,80 +348,96 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
             return result
         return (result + delta).to(result.dtype)
 
-    def _align_tasks(self, tasks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample task indices matching the batch of `x` (expanded for beams / return sequences)."""
-        batch = x.shape[0] if x.dim() == 3 else None
-        if batch is None or batch % tasks.numel() != 0:
-            raise RuntimeError(
-                f"Cannot align {tasks.numel()} per-sample tasks with an input of shape {tuple(x.shape)} in "
-                f"{self.layer_name}; per-sample routing needs [batch, tokens, features] inputs."
-            )
-        tasks = tasks.to(x.device)
-        return tasks if batch == tasks.numel() else tasks.repeat_interleave(batch // tasks.numel())
-
     def _mixture(self, x: torch.Tensor, adapter_name: str, task: int | torch.Tensor) -> torch.Tensor | None:
+        if isinstance(task, torch.Tensor):
+            return self._mixed_task_mixture(x, adapter_name)
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         dropout = self.cmoe_dropout[adapter_name]
-        r = experts.r
-        expert_a, expert_b = experts.stacked()
+        candidates = routers.candidates(task)
+        if not candidates:
+            return None
+        num_experts, r = len(candidates), experts.r
+        expert_a, expert_b = experts.select(candidates)
+        router = routers.router(task)
         x = self._cast_input_dtype(x, expert_a.dtype)
-
-        per_sample = present = inverse = None
-        if isinstance(task, torch.Tensor):
-            per_sample = self._align_tasks(task, x)
-            present, inverse = torch.unique(per_sample, return_inverse=True)
-            if present.numel() == 1:
-                task, per_sample = int(present.item()), None
-
-        if per_sample is None:
-            router = routers.router(task)
-            num_experts = router.shape[0]
-            if num_experts == 0:
-                return None
-            expert_a, expert_b = expert_a[: num_experts * r], expert_b[: num_experts * r]
-            if isinstance(dropout, nn.Identity):
-                fused = F.linear(x, torch.cat([expert_a, router]))
-                hidden, logits = fused.split([num_experts * r, num_experts], dim=-1)
-            else:
-                hidden, logits = F.linear(dropout(x), expert_a), F.linear(x, router)
+        top_k, beta = self.top_k[adapter_name], self.dual_router_beta[adapter_name]
+        # decided by what this task sees only, so later tasks never change how it is computed
+        sparse = beta is None and prefer_sparse(num_experts, top_k, x.device, expert_a.dtype)
+        hidden = None
+        if sparse:
+            logits = F.linear(x, router)
+        elif isinstance(dropout, nn.Identity):
+            fused = F.linear(x, torch.cat([expert_a, router]))
+            hidden, logits = fused.split([num_experts * r, num_experts], dim=-1)
         else:
-            weights, visible = routers.padded(present)
-            num_experts = weights.shape[1]
-            expert_a, expert_b = expert_a[: num_experts * r], expert_b[: num_experts * r]
-            logits = torch.einsum("bnd,bed->bne", x, weights[inverse])
-            logits = logits.masked_fill(~visible[inverse][:, None, :], float("-inf"))
-            hidden = F.linear(dropout(x), expert_a)
-
-        top_k = self.top_k[adapter_name]
+            hidden, logits = F.linear(dropout(x), expert_a), F.linear(x, router)
         routed = route(logits, top_k)
+        self._observe(adapter_name, routed, count_usage=True)
+        scaling = self.scaling[adapter_name]
+        if sparse:
+            shape = (num_experts, r, -1)
+            weights = routed.weights * scaling
+            return sparse_lora(dropout(x), expert_a.view(shape), expert_b.view(shape), routed.chosen, weights)
         gates = routed.gates
-        beta = self.dual_router_beta[adapter_name]
-        if beta is not None:
-            gates = self._mix_task_gates(
-                gates, routers, beta, task if per_sample is None else None, present, inverse
-            )
-        mask = self.routing.token_mask
-        if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
-            mask = None
-        if self.training and torch.is_grad_enabled() and self.routing.collect_aux_loss:
-            self.routing.aux_losses.append(balancing_loss(routed, mask))
-        if self.routing.track_usage and per_sample is None:
-            self._count_usage(adapter_name, routed.assigned, mask)
+        task_gate = routers.task_gate(task) if beta is not None else None
+        if task_gate is not None:  # CL-MoE's dual router: beta * G^I(x) + (1 - beta) * G^T(t)
+            gates = beta * gates + (1 - beta) * task_gate.to(gates.dtype)
         # the LoRA scaling rides on the [tokens, E] gates rather than on the [tokens, d_out] output
-        gates = (gates * self.scaling[adapter_name]).to(hidden.dtype)
+        gates = (gates * scaling).to(hidden.dtype)
         hidden = rearrange(hidden, "... (e r) -> ... e r", r=r) * gates.unsqueeze(-1)
         return rearrange(hidden, "... e r -> ... (e r)") @ expert_b
 
-    @staticmethod
-    def _mix_task_gates(gates, routers: TaskRouters, beta: float, task, present, inverse) -> torch.Tensor:
-        """CL-MoE's dual router: ``beta * G^I(x) + (1 - beta) * G^T(t)`` (G^I alone before G^T exists)."""
-        if task is not None:
-            task_gate = routers.task_gate(task)
-            return gates if task_gate is None else beta * gates + (1 - beta) * task_gate.to(gates.dtype)
-        task_gates, has_gate = routers.padded_task_gates(present, gates.shape[-1])
-        weight = torch.where(has_gate, beta, 1.0)[inverse][:, None, None].to(gates.dtype)
-        return weight * gates + (1 - weight) * task_gates[inverse][:, None, :].to(gates.dtype)
+    def _mixed_task_mixture(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Samples of different tasks in one batch: each token routes with its sample's router.
+
+        The routers are gathered per sample from a padded table (on the device, no host reads),
+        and the chosen experts run sparsely over all of the layer's experts.
+        """
+        if x.dim() != 3:
+            raise RuntimeError(
+                f"Per-sample routing needs [batch, tokens, features] inputs; {self.layer_name} got "
+                f"{tuple(x.shape)}."
+            )
+        experts = self.cmoe_experts[adapter_name]
+        routers = self.cmoe_routers[adapter_name]
+        tasks = self.routing.tasks_for(x.shape[0]).to(x.device)
+        # only the newest task's router may be training; everything older is frozen
+        cacheable = not (torch.is_grad_enabled() and self.training)
+        table = routers.table(cacheable)
+        all_a, all_b = experts.stacked()
+        x = self._cast_input_dtype(x, all_a.dtype)
+        logits = torch.einsum("bnd,bcd->bnc", x, table["weight"][tasks].to(x.dtype))
+        logits = logits.masked_fill(~table["visible"][tasks][:, None, :], float("-inf"))
+        routed = route(logits, self.top_k[adapter_name])
+        self._observe(adapter_name, routed, count_usage=False)
+        beta = self.dual_router_beta[adapter_name]
+        slots = table["experts"][tasks][:, None, :].expand(*logits.shape)  # [batch, tokens, C_max]
+        if routed.chosen is not None and beta is None:
+            chosen, weights = torch.gather(slots, -1, routed.chosen), routed.weights
+        else:  # dense gates (dense routing, or the dual router's dense task gate)
+            chosen, weights = slots, routed.gates
+            if beta is not None and "gate" in table:
+                mix = torch.where(table["has_gate"][tasks], beta, 1.0)[:, None, None].to(weights.dtype)
+                weights = mix * weights + (1 - mix) * table["gate"][tasks][:, None, :].to(weights.dtype)
+        r = experts.r
+        return sparse_lora(
+            self.cmoe_dropout[adapter_name](x),
+            all_a.view(-1, r, all_a.shape[-1]),
+            all_b.view(-1, r, all_b.shape[-1]),
+            chosen,
+            weights * self.scaling[adapter_name],
+        )
+
+    def _observe(self, adapter_name: str, routed: Routed, count_usage: bool) -> None:
+        """The balancing loss (training) and expert usage (when tracked) of one routing decision."""
+        mask = self.routing.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(routed.probs.shape[:-1]):
+            mask = None
+        if self.training and torch.is_grad_enabled() and self.routing.collect_aux_loss:
+            self.routing.aux_losses.append(balancing_loss(routed, mask))
+        if self.routing.track_usage and count_usage:
+            self._count_usage(adapter_name, routed.assigned, mask)
 
     def _count_usage(self, adapter_name: str, assigned: torch.Tensor, mask) -> None:
         if mask is not None:

@@ -215,6 +215,7 @@ class ContinualMoEModel(BaseTuner):
         *,
         expanded_layers: Sequence[str] | None = None,
         init_from: Mapping[str, Sequence[int]] | None = None,
+        preferred_experts: Mapping[str, Sequence[int]] | None = None,
         details: Mapping[str, Any] | None = None,
     ) -> None:
         """Start a new task: freeze all earlier experts and routers, add its experts and router.
@@ -222,8 +223,9 @@ class ContinualMoEModel(BaseTuner):
         Only the new task's router (in every adapted layer) and the experts it adds get gradients
         afterwards (every expert, with ``freeze_old_experts=False``). Create the optimizer after
         calling this. `expanded_layers` limits new experts to those layers, `init_from` names per
-        layer the existing experts to copy into them, `details` is stored in the task's record
-        (probe-guided expansion passes its decision here).
+        layer the existing experts to copy into them, `preferred_experts` ranks per layer the old
+        experts its router should reach first (at most ``router_max_experts`` in all), `details` is
+        stored in the task's record (probe-guided expansion passes its decision here).
         """
         validate_task_name(name)
         if name in self.tasks:
@@ -233,7 +235,7 @@ class ContinualMoEModel(BaseTuner):
                 "This adapter was loaded for inference; load it with PeftModel.from_pretrained(..., "
                 "is_trainable=True) to add tasks."
             )
-        record: dict[str, Any] = {"name": name}
+        record: dict[str, Any] = {"name": name, "router_max_experts": self._config.router_max_experts}
         if expanded_layers is not None:
             unknown = sorted(set(expanded_layers) - {layer.layer_name for layer in self._layers()})
             if unknown:
@@ -243,9 +245,9 @@ class ContinualMoEModel(BaseTuner):
             record["init_from"] = {layer: list(experts) for layer, experts in init_from.items()}
         if details:
             record.update(details)
-        self._grow(record)
+        self._grow(record, preferred_experts)
 
-    def _grow(self, record: dict[str, Any]) -> None:
+    def _grow(self, record: dict[str, Any], preferred: Mapping[str, Sequence[int]] | None = None) -> None:
         """Append a task record and build what it adds in every layer (and its locator slot)."""
         adapter_name = self.active_adapters[0]
         config = self._config
@@ -258,7 +260,13 @@ class ContinualMoEModel(BaseTuner):
             copies = list(copies)[:count] if copies and count else None
             # new experts concatenate or copy old ones, which ZeRO-3 may hold partitioned
             with zero3.gathered(layer.cmoe_experts[adapter_name].parameters()):
-                layer.add_task(adapter_name, count, init_from=copies)
+                layer.add_task(
+                    adapter_name,
+                    count,
+                    init_from=copies,
+                    max_experts=config.router_experts_for(task),
+                    preferred=list((preferred or {}).get(layer.layer_name, [])),
+                )
             layer.set_trainable_task(adapter_name, task)
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, 1)
@@ -313,9 +321,9 @@ class ContinualMoEModel(BaseTuner):
         adapter_name = self.active_adapters[0]
         counts = self.usage_counts()
         for layer in self._layers():
-            usage = layer.cmoe_routers[adapter_name].usage[index]
-            share = counts[layer.layer_name][: usage.shape[0]]
-            usage.copy_((share / share.sum().clamp_min(1e-12)).to(usage.dtype))
+            routers = layer.cmoe_routers[adapter_name]
+            share = counts[layer.layer_name][: routers.num_experts(index)]
+            routers.set_usage(index, share / share.sum().clamp_min(1e-12))
 
     def replay_tasks(self, saved: ContinualMoEConfig) -> None:
         """Grow this model to the task structure of a saved config whose tasks extend ours.
@@ -423,7 +431,7 @@ class ContinualMoEModel(BaseTuner):
     def _feature_from_layer_input(self, x: torch.Tensor, masks: PromptMasks, locate: bool) -> None:
         task = self._use_features(self._pool(x, masks), locate)
         if task is not None:
-            self._routing.task = task
+            self._routing.set_task(task)
 
     def _feature_from_base_pass(
         self, args: tuple, kwargs: Mapping[str, Any], masks: PromptMasks

@@ -70,7 +70,8 @@ def snapshot_old_experts(model: ContinualMoEModel) -> Snapshot:
         return saved
     for layer in model._layers():
         experts = layer.cmoe_experts[adapter_name]
-        rows = layer.cmoe_routers[adapter_name].num_experts(task - 1) * experts.r
+        old_experts = experts.num_experts - model._config.new_experts_for(task, layer.layer_name)
+        rows = old_experts * experts.r
         with zero3.gathered(experts.parameters()):  # one layer at a time: ZeRO-3 holds slices
             a, b = experts.stacked()
             saved[layer.layer_name] = (a.detach()[:rows].clone(), b.detach()[:rows].clone())
@@ -89,19 +90,18 @@ def merge_newest_task(model: ContinualMoEModel, before: Snapshot) -> dict[str, A
         routers, experts = layer.cmoe_routers[adapter_name], layer.cmoe_experts[adapter_name]
         old_a, old_b = before[layer.layer_name]
         count = old_a.shape[0] // experts.r
-        old_usage = sum(
-            torch.nn.functional.pad(
-                routers.usage[j], (0, routers.usage[task].shape[0] - routers.usage[j].shape[0])
-            )
-            for j in range(task)
-        )
-        keep = momentum_coefficients(
-            routers.usage[task],
+        # roles are decided among the task's candidate experts, then mapped to the layer's experts
+        candidates = torch.tensor(routers.candidates(task), dtype=torch.long)
+        old_usage = routers.usage_by_expert(experts.num_experts, tasks=range(task))[candidates]
+        keep = torch.ones(experts.num_experts)
+        keep[candidates] = momentum_coefficients(
+            routers.usage[task].detach().float().cpu(),
             old_usage,
             config.momentum_shared,
             config.momentum_new,
             config.momentum_usage_threshold,
-        )[:count]
+        )
+        keep = keep[:count]
         roles["shared"] += int((keep == config.momentum_shared).sum())
         roles["new_only"] += int((keep == config.momentum_new).sum())
         roles["unused"] += int((keep == 1).sum())

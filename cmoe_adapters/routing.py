@@ -8,7 +8,7 @@ one `RoutingState` shared by all layers, so it is set once per forward, not once
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,16 +39,43 @@ class RoutingState:
     bypass: bool = False
     track_usage: bool = False
 
+    _per_sample: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
     def reset(
         self,
         task: int | torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
         feature_hook: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
-        self.task = task
+        self.set_task(task)
         self.token_mask = token_mask
         self.feature_hook = feature_hook
         self.aux_losses.clear()
+
+    def set_task(self, task: int | torch.Tensor | None) -> None:
+        """Route with `task`; per-sample tasks that are all the same become one index.
+
+        That check reads two numbers from the device once per forward pass (or once per generate
+        call), so that the layers never have to.
+        """
+        self._per_sample = {}
+        if isinstance(task, torch.Tensor):
+            low, high = torch.stack(torch.aminmax(task.reshape(-1))).tolist()
+            task = int(low) if low == high else task
+        self.task = task
+
+    def tasks_for(self, batch: int) -> torch.Tensor:
+        """The per-sample tasks for an input of `batch` rows (repeated for beams / return sequences)."""
+        aligned = self._per_sample.get(batch)
+        if aligned is None:
+            tasks = self.task
+            if batch % tasks.numel():
+                raise RuntimeError(
+                    f"Cannot align {tasks.numel()} per-sample tasks with a batch of {batch} inputs."
+                )
+            aligned = tasks if batch == tasks.numel() else tasks.repeat_interleave(batch // tasks.numel())
+            self._per_sample[batch] = aligned
+        return aligned
 
 
 class BufferList(nn.Module):
@@ -73,10 +100,13 @@ class BufferList(nn.Module):
 class TaskRouters(nn.Module):
     """The routers of one adapted layer, one linear map (no bias) per task, in task order.
 
-    Router ``t`` has shape ``[E_t, d_in]`` where ``E_t`` is the number of experts it can choose from
-    (with ``shared=True`` every task uses router 0). Each task also keeps its expert-usage share
-    ``usage[t]`` (``[E_t]``, top-k assignments counted over its training) and, with
-    ``learned_gate=True``, the logits of a learned task-level gate (CL-MoE's dual router).
+    Router ``t`` has shape ``[C_t, d_in]``: it chooses among ``C_t`` *candidate* experts, whose
+    layer-wide indices are ``expert_index[t]`` (ascending). A task's candidates are fixed when it is
+    added -- its own new experts plus, up to a cap, the old experts most useful to it -- so what a
+    task adds does not grow with the number of tasks before it (with ``shared=True`` every task uses
+    router 0). Each task also keeps its expert-usage share ``usage[t]`` (``[C_t]``, top-k
+    assignments counted over its training) and, with ``learned_gate=True``, the logits of a learned
+    task-level gate (CL-MoE's dual router).
     """
 
     def __init__(self, in_features: int, shared: bool = False, learned_gate: bool = False) -> None:
@@ -87,63 +117,152 @@ class TaskRouters(nn.Module):
         self.weight = nn.ParameterList()
         self.task_logits = nn.ParameterList()
         self.usage = BufferList()
+        self.expert_index = BufferList()
+        self._candidates: dict[int, tuple[int, list[int]]] = {}  # task -> (buffer version, indices)
+        self._has_gate: dict[int, tuple[int, bool]] = {}  # task -> (usage version, any usage)
+        self._table: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self._generation = 0  # bumped whenever a router, a candidate set or a task gate may change
+        self.register_load_state_dict_post_hook(lambda module, _: module.invalidate())
 
     def __len__(self) -> int:
         return len(self.usage)
+
+    def invalidate(self) -> None:
+        """Forget what was derived from the routers (after loading or rewriting them)."""
+        self._candidates.clear()
+        self._has_gate.clear()
+        self._table = None
+        self._generation += 1
 
     def router(self, task: int) -> nn.Parameter:
         return self.weight[0 if self.shared else task]
 
     def num_experts(self, task: int) -> int:
-        return full_shape(self.router(task))[0]
+        """How many candidate experts task `task` routes among."""
+        return full_shape(self.usage[task])[0]
 
-    def add(self, num_experts: int, init_std: float, *, device=None, dtype=None) -> None:
-        """Append the router (and statistics) of a new task over `num_experts` experts."""
+    def candidates(self, task: int) -> list[int]:
+        """Layer-wide indices of task `task`'s candidate experts (read from the device once)."""
+        index = self.expert_index[task]
+        cached = self._candidates.get(task)
+        if cached is None or cached[0] != index._version:
+            cached = (index._version, index.tolist())
+            self._candidates[task] = cached
+        return cached[1]
+
+    def add(self, candidates: list[int], init_std: float, *, device=None, dtype=None) -> None:
+        """Append the router (and statistics) of a new task over the experts `candidates`."""
+        num_experts = len(candidates)
         if not self.shared or len(self.weight) == 0:
             weight = torch.empty(num_experts, self.in_features, device=device, dtype=dtype)
             nn.init.normal_(weight, std=init_std)
             self.weight.append(nn.Parameter(weight))
         self.usage.append(torch.zeros(num_experts, device=device, dtype=torch.float32))
+        self.expert_index.append(torch.tensor(candidates, device=device, dtype=torch.long))
         if self.learned_gate:
             self.task_logits.append(nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype)))
+        self.invalidate()
 
     def remove_last(self) -> None:
         """Forget the newest task (used to roll back a probe)."""
         self.usage.pop()
+        self.expert_index.pop()
         if self.learned_gate:
             self.task_logits = nn.ParameterList(list(self.task_logits)[:-1])
         if not self.shared or len(self) == 0:
             self.weight = nn.ParameterList(list(self.weight)[:-1])
+        self.invalidate()
+
+    def set_usage(self, task: int, share: torch.Tensor) -> None:
+        """Store task `task`'s expert-usage share (CL-MoE's usage gate and candidate choice read it)."""
+        usage = self.usage[task]
+        usage.copy_(share.to(usage.device, usage.dtype))
+        self.invalidate()
+
+    def usage_by_expert(self, num_experts: int, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """The usage shares of `tasks` (default all) summed per layer-wide expert (fp32, on the CPU)."""
+        total = torch.zeros(num_experts)
+        for task in range(len(self)) if tasks is None else tasks:
+            index = torch.tensor(self.candidates(task), dtype=torch.long)
+            total.index_add_(0, index, self.usage[task].detach().float().cpu())
+        return total
 
     def task_gate(self, task: int) -> torch.Tensor | None:
-        """CL-MoE's task-level gate ``G^T(t)`` over ``E_t`` experts (None before it exists)."""
+        """CL-MoE's task-level gate ``G^T(t)`` over ``C_t`` experts (None before it exists)."""
         if self.learned_gate:
             return self.task_logits[task].softmax(-1)
         usage = self.usage[task]
-        return usage if bool(usage.sum() > 0) else None
+        cached = self._has_gate.get(task)
+        if cached is None or cached[0] != usage._version:  # one host read per change, not per forward
+            cached = (usage._version, bool(usage.sum() > 0))
+            self._has_gate[task] = cached
+        return usage if cached[1] else None
 
-    def padded(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack the routers of `tasks` (distinct indices) padded to the largest expert count.
+    def table(self, cacheable: bool) -> dict[str, torch.Tensor]:
+        """Every task's router, candidates and task gate, padded to the widest, for mixed batches.
 
-        Returns ``(weights [U, E_max, d_in], visible [U, E_max] bool)``. Only the tasks present in a
-        batch are gathered, so the cost does not grow with the number of registered tasks.
+        ``weight [T, C_max, d_in]``, ``experts [T, C_max]`` (layer-wide, padding points at expert
+        0), ``visible [T, C_max]`` bool, and with a task-level gate ``gate [T, C_max]`` and
+        ``has_gate [T]``. Per-sample routing then gathers rows of these by the samples' task
+        indices, on the device, whatever the number of tasks. Kept until a task is added or
+        removed, or the routers are loaded, when `cacheable` (nothing in it is being trained).
         """
-        routers = [self.router(t) for t in tasks.tolist()]
-        width = max(r.shape[0] for r in routers)
-        weights = torch.stack([nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in routers])
-        counts = torch.tensor([r.shape[0] for r in routers], device=weights.device)
-        visible = torch.arange(width, device=weights.device)[None, :] < counts[:, None]
-        return weights, visible
+        newest = len(self) - 1  # the only task whose router an optimizer may have stepped since
+        key = (
+            self._generation,
+            self.router(newest)._version,
+            self.usage[newest]._version,
+            self.task_logits[newest]._version if self.learned_gate else None,
+        )
+        if cacheable and self._table is not None and self._table[0] == key:
+            return self._table[1]
+        tasks = range(len(self))
+        routers = [self.router(t) for t in tasks]
+        counts = [r.shape[0] for r in routers]
+        width = max(counts)
+        device = routers[0].device
+        pad = nn.functional.pad
+        table = {
+            "weight": torch.stack([pad(r, (0, 0, 0, width - r.shape[0])) for r in routers]),
+            "experts": torch.stack([pad(e, (0, width - e.shape[0])) for e in self.expert_index]).to(device),
+        }
+        visible = torch.tensor(counts, device=device)
+        table["visible"] = torch.arange(width, device=device)[None, :] < visible[:, None]
+        if self.learned_gate or any(u.numel() for u in self.usage):
+            gates = [self.task_gate(t) for t in tasks]
+            table["has_gate"] = torch.tensor([g is not None for g in gates], device=device)
+            empty = torch.zeros(width, device=device)
+            table["gate"] = torch.stack(
+                [empty if g is None else pad(g.float(), (0, width - g.shape[0])) for g in gates]
+            )
+        if cacheable:
+            self._table = (key, table)
+        return table
 
-    def padded_task_gates(self, tasks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gates [U, width], present [U] bool)`` of `tasks`' task-level gates, zero-padded."""
-        gates, present = [], []
-        for task in tasks.tolist():
-            gate = self.task_gate(task)
-            present.append(gate is not None)
-            gate = torch.zeros(width, device=self.usage[task].device) if gate is None else gate.float()
-            gates.append(nn.functional.pad(gate, (0, width - gate.shape[0])))
-        return torch.stack(gates), torch.tensor(present, device=gates[0].device)
+
+def candidate_experts(
+    old_experts: int,
+    new_experts: int,
+    cap: int | None,
+    preferred: Sequence[int] | None = None,
+    old_usage: torch.Tensor | None = None,
+) -> list[int]:
+    """The experts a new task's router chooses among: its own new ones, then old ones up to `cap`.
+
+    Old experts are taken in the order of `preferred` (the probe phase's measurement of which old
+    experts the new task uses), then by how much earlier tasks used them (`old_usage`), then
+    newest first. Without a cap the task sees every expert. Returned ascending.
+    """
+    own = list(range(old_experts, old_experts + new_experts))
+    room = old_experts if cap is None else max(0, min(old_experts, cap - new_experts))
+    if room >= old_experts:
+        return list(range(old_experts)) + own
+    ranked = [e for e in dict.fromkeys(preferred or []) if 0 <= e < old_experts]
+    if len(ranked) < room:
+        score = old_usage if old_usage is not None else torch.zeros(old_experts)
+        rest = sorted(set(range(old_experts)) - set(ranked), key=lambda e: (-float(score[e]), -e))
+        ranked += rest
+    return sorted(ranked[:room]) + own
 
 
 @dataclass
@@ -152,13 +271,15 @@ class Routed:
 
     Computed once per layer and shared by the mixture, the balancing loss and the usage counts,
     so the router's softmax and top-k run once (on tiny models these small ops are a visible
-    share of a step).
+    share of a step). ``chosen``/``weights`` are the sparse form of ``gates`` (None when dense).
     """
 
     probs: torch.Tensor  # softmax over all of the task's experts, fp32, [..., E]
     gates: torch.Tensor  # mixture weights, zeros outside the chosen experts, [..., E]
     assigned: torch.Tensor  # one-hot of the chosen experts (top-1 when dense), fp32, [..., E]
     k: int  # experts chosen per token in `assigned`
+    chosen: torch.Tensor | None = None  # the top-k experts of every token, [..., k]
+    weights: torch.Tensor | None = None  # their mixture weights, [..., k]
 
 
 def route(logits: torch.Tensor, top_k: int | None) -> Routed:
@@ -174,14 +295,14 @@ def route(logits: torch.Tensor, top_k: int | None) -> Routed:
     num_experts = probs.shape[-1]
     if top_k is None or top_k >= num_experts:
         chosen = probs.argmax(dim=-1, keepdim=True)
-        gates, k = probs, 1
-    else:
-        values, chosen = probs.topk(top_k, dim=-1)
-        if top_k > 1:
-            values = values / values.sum(dim=-1, keepdim=True)
-        gates, k = torch.zeros_like(probs).scatter(-1, chosen, values), top_k
+        assigned = torch.zeros_like(probs).scatter(-1, chosen, 1.0)
+        return Routed(probs, probs, assigned, 1)
+    values, chosen = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        values = values / values.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(-1, chosen, values)
     assigned = torch.zeros_like(probs).scatter(-1, chosen.detach(), 1.0)
-    return Routed(probs, gates, assigned, k)
+    return Routed(probs, gates, assigned, top_k, chosen, values)
 
 
 def balancing_loss(routed: Routed, token_mask: torch.Tensor | None = None) -> torch.Tensor:
