@@ -256,40 +256,98 @@ class TaskLocator(nn.Module):
 
 
 class FeatureBuffer:
-    """A uniform sample (reservoir) of at most `capacity` feature vectors seen during training."""
+    """A uniform sample (reservoir) of at most `capacity` feature vectors seen during training.
+
+    Algorithm R: row number ``n`` (1-based, counted over every `add`) fills the next free slot
+    while fewer than `capacity` rows are kept, and afterwards replaces slot ``randint(0, n)`` if
+    that is below `capacity`. `add` runs at every training step, so it costs no device->host
+    sync and no per-row Python: the rows live in one preallocated fp32 tensor on the features'
+    device, filled with vectorised index writes, and the slot decisions come from the buffer's
+    own CPU `torch.Generator` (seeded by `seed`), uploaded without blocking.
+    """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"A feature buffer needs capacity >= 1, got {capacity}.")
         self.capacity = capacity
         self.seen = 0
-        self._rows: list[torch.Tensor] = []
-        self._random = random.Random(seed)
+        self._kept = 0
+        self._rows: torch.Tensor | None = None  # [capacity, dim] fp32, the first `_kept` rows valid
+        self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._kept
+
+    def _reservoir(self, features: torch.Tensor) -> torch.Tensor:
+        dim = features.shape[1]
+        if self._rows is None:
+            self._rows = torch.empty(self.capacity, dim, device=features.device, dtype=torch.float32)
+        elif self._rows.shape[1] != dim:
+            raise ValueError(
+                f"Locator features of dimension {dim} added to a buffer of dimension {self._rows.shape[1]}."
+            )
+        elif self._rows.device != features.device:  # e.g. rows restored on the CPU, training on a GPU
+            self._rows = self._rows.to(features.device)
+        return self._rows
 
     def add(self, features: torch.Tensor) -> None:
-        for row in features.detach().to("cpu", torch.float32):
-            self.seen += 1
-            if len(self._rows) < self.capacity:
-                self._rows.append(row)
-            else:
-                slot = self._random.randrange(self.seen)
-                if slot < self.capacity:
-                    self._rows[slot] = row
+        """Offer every row of `features` ``[batch, dim]`` to the sample (no host sync)."""
+        if features.dim() != 2:
+            raise ValueError(f"Locator features must be [batch, dim], got {tuple(features.shape)}.")
+        count = features.shape[0]
+        if count == 0:
+            return
+        features = features.detach()
+        rows = self._reservoir(features)
+        fill = min(count, self.capacity - self._kept)
+        if fill > 0:
+            rows[self._kept : self._kept + fill].copy_(features[:fill])
+            self._kept += fill
+        first = self.seen + fill + 1  # the row number (1-based) of the first row not simply kept
+        self.seen += count
+        if fill == count:
+            return
+        numbers = torch.arange(first, self.seen + 1, dtype=torch.float64)
+        draws = torch.rand(numbers.shape[0], generator=self._generator, dtype=torch.float64)
+        slots = torch.minimum((draws * numbers).floor(), numbers - 1).long()  # uniform in [0, n)
+        kept = torch.nonzero(slots < self.capacity).flatten()  # CPU tensors: no device sync
+        if kept.numel() == 0:
+            return
+        # several rows of one batch may pick the same slot: the last one wins, as one by one
+        targets, inverse = torch.unique(slots[kept], return_inverse=True)
+        winners = torch.full(targets.shape, -1, dtype=torch.long)
+        winners.scatter_reduce_(0, inverse, kept, reduce="amax")
+        index = torch.stack([targets, winners + fill])
+        if rows.device.type == "cuda":
+            index = index.pin_memory()
+        index = index.to(rows.device, non_blocking=True)
+        rows.index_copy_(0, index[0], features.index_select(0, index[1]).to(torch.float32))
 
     def tensor(self) -> torch.Tensor:
-        if not self._rows:
+        """The kept rows ``[len(self), dim]`` (fp32, on the device the features came from)."""
+        if self._rows is None or self._kept == 0:
             raise ValueError("No locator features were collected.")
-        return torch.stack(self._rows)
+        return self._rows[: self._kept].clone()
 
-    def random_state(self) -> list:
-        """The sampler's state as JSON-friendly lists (saved with Trainer checkpoints)."""
-        version, state, gauss = self._random.getstate()
-        return [version, list(state), gauss]
+    def random_state(self) -> list[int]:
+        """The sampler's state as a JSON-friendly list of ints (saved with Trainer checkpoints)."""
+        return self._generator.get_state().tolist()
 
     def restore(self, rows: torch.Tensor, seen: int, random_state: list) -> None:
         """Continue from a checkpoint: the kept rows, how many were seen, the sampler's state."""
-        self._rows = list(rows.to(torch.float32))
+        if rows.dim() != 2 or rows.shape[0] != min(seen, self.capacity):
+            raise ValueError(
+                f"Cannot restore {tuple(rows.shape)} kept rows after {seen} seen into a buffer of "
+                f"capacity {self.capacity} (it keeps min(seen, capacity) rows)."
+            )
+        if len(random_state) == 3 and isinstance(random_state[1], list):
+            # a checkpoint of the former sampler (Python's `random`): continue deterministically from it
+            legacy = random.Random()
+            legacy.setstate((random_state[0], tuple(random_state[1]), random_state[2]))
+            self._generator.manual_seed(legacy.getrandbits(63))
+        else:
+            self._generator.set_state(torch.tensor(random_state, dtype=torch.uint8))
+        self._rows = torch.empty(self.capacity, rows.shape[1], device=rows.device, dtype=torch.float32)
+        self._rows[: rows.shape[0]].copy_(rows)
+        self._kept = rows.shape[0]
         self.seen = seen
-        version, state, gauss = random_state
-        self._random.setstate((version, tuple(state), gauss))

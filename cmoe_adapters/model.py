@@ -26,7 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from . import shards, zero3
+from . import ddp, shards, zero3
 from ._compat import without_cache
 from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
@@ -314,6 +314,25 @@ class ContinualMoEModel(BaseTuner):
                 value = torch.zeros(layer.cmoe_experts[adapter_name].num_experts, dtype=torch.float64)
             counts[layer.layer_name] = _all_reduce(value)
         return counts
+
+    def usage_state(self) -> dict[str, torch.Tensor]:
+        """This process's assignments counted so far per layer (saved in checkpoints to resume)."""
+        adapter_name = self.active_adapters[0]
+        state = {}
+        for layer in self._layers():
+            value = layer.usage_counts.get(adapter_name)
+            if value is not None:
+                state[layer.layer_name] = value.detach().cpu()
+        return state
+
+    def restore_usage(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue counting from `usage_state()`'s answer (a resumed task counts its earlier steps)."""
+        adapter_name = self.active_adapters[0]
+        for layer in self._layers():
+            value = state.get(layer.layer_name)
+            if value is not None:
+                device = layer.get_base_layer().weight.device
+                layer.usage_counts[adapter_name] = value.to(device, torch.float64)
 
     def record_usage(self, task: str | None = None) -> None:
         """Store the counted usage as the task's expert-usage share in every layer (CL-MoE's G^T)."""
@@ -633,3 +652,8 @@ class ContinualMoEModel(BaseTuner):
         if hook is not None:
             hook.remove()
         model.__dict__.pop("generate", None)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """DDP must not broadcast the per-task buffers at every forward (see `ddp`)."""
+        return ddp.buffers_to_ignore(self)

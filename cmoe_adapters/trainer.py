@@ -42,6 +42,7 @@ from .results import ContinualResult
 
 CHECKPOINTS_DIR = "checkpoints"
 LOCATOR_FEATURES = "locator_features"
+USAGE_COUNTS = "expert_usage_counts"
 
 
 @dataclass
@@ -139,11 +140,14 @@ def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) ->
 
 
 class _LocatorFeaturesInCheckpoints(TrainerCallback):
-    """Adds every process's collected locator features to each Trainer checkpoint (rank 0 writes).
+    """Adds every process's collected locator features and expert-usage counts to each Trainer
+    checkpoint (rank 0 writes).
 
-    An interrupted task then resumes with the features its finished steps collected, so its
-    locator is fitted on the same samples as in an uninterrupted run. `on_save` runs on every
-    process right after the Trainer wrote the checkpoint, which the gather needs.
+    An interrupted task then resumes with the features and usage its finished steps collected, so
+    its locator is fitted on the same samples, and its usage statistics (CL-MoE's task gate and
+    merge, later tasks' candidate experts) count the same steps as in an uninterrupted run.
+    `on_save` runs on every process right after the Trainer wrote the checkpoint, which the gather
+    needs.
     """
 
     def __init__(self, trainer: ContinualMoETrainer) -> None:
@@ -154,7 +158,17 @@ class _LocatorFeaturesInCheckpoints(TrainerCallback):
         buffer = cmoe.feature_buffer_in_use if cmoe is not None else None
         if buffer is None:
             return
-        entry = None if len(buffer) == 0 else (buffer.tensor(), buffer.seen, buffer.random_state())
+        usage = _gather_objects(cmoe.usage_state())
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            counts = {
+                f"rank{rank}/{layer}": value
+                for rank, part in enumerate(usage)
+                for layer, value in part.items()
+            }
+            save_file(counts, os.path.join(folder, f"{USAGE_COUNTS}.safetensors"))
+        # the rows may live on the device: one copy to the host per checkpoint, not per step
+        entry = None if len(buffer) == 0 else (buffer.tensor().cpu(), buffer.seen, buffer.random_state())
         entries = _gather_objects(entry)
         if not args.should_save:
             return
@@ -201,7 +215,8 @@ class ContinualMoETrainer(Trainer):
         self.continual_output_dir = args.output_dir
         self.result = ContinualResult()
         self._seen: dict[str, Task] = {}
-        self._aux_loss_sum = 0.0
+        # the balancing loss summed on its device since the last log (None: nothing yet); read once per log
+        self._aux_loss_sum: torch.Tensor | None = None
         self._aux_loss_count = 0
 
     # -- the model ------------------------------------------------------------------------------
@@ -279,16 +294,16 @@ class ContinualMoETrainer(Trainer):
             if cmoe is not None:
                 phases.enter_context(cmoe.using_task(task.name))
                 buffer = phases.enter_context(cmoe.collecting_locator_features(task.name))
-                if config.dual_router or config.momentum_merge:
-                    phases.enter_context(cmoe.tracking_usage())
+                # every task's usage is kept: CL-MoE's gates and merge read it, and later tasks' routers
+                # reach first the old experts earlier tasks used most
+                phases.enter_context(cmoe.tracking_usage())
                 if checkpoint is not None:
-                    self._load_feature_buffer(checkpoint, buffer)
+                    self._load_task_progress(checkpoint, buffer)
             output = self._run_training(task.train_dataset, task_dir, checkpoint)
         log.update({"train_loss": output.training_loss, **output.metrics})
 
         if cmoe is not None:
-            if config.dual_router or config.momentum_merge:
-                cmoe.record_usage(task.name)
+            cmoe.record_usage(task.name)
             if before:
                 log["momentum"] = momentum.merge_newest_task(cmoe, before)
             features = _gather_rows(buffer.tensor())
@@ -505,9 +520,16 @@ class ContinualMoETrainer(Trainer):
         by_name = {task.name: task for task in tasks}
         self._seen = {name: by_name[name] for name in saved.tasks}
 
-    def _load_feature_buffer(self, checkpoint: str, buffer: FeatureBuffer) -> None:
-        stem = os.path.join(checkpoint, LOCATOR_FEATURES)
+    def _load_task_progress(self, checkpoint: str, buffer: FeatureBuffer) -> None:
+        """This process's locator features and usage counts from a checkpoint of the running task."""
         key = f"rank{self.args.process_index}"
+        usage_file = os.path.join(checkpoint, f"{USAGE_COUNTS}.safetensors")
+        if os.path.exists(usage_file):
+            counts = load_file(usage_file)
+            prefix = f"{key}/"
+            mine = {name[len(prefix) :]: value for name, value in counts.items() if name.startswith(prefix)}
+            self.continual_model.restore_usage(mine)
+        stem = os.path.join(checkpoint, LOCATOR_FEATURES)
         if not os.path.exists(f"{stem}.json"):
             return
         with open(f"{stem}.json", encoding="utf-8") as handle:
@@ -549,7 +571,8 @@ class ContinualMoETrainer(Trainer):
             aux = aux / getattr(
                 self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
             )
-        self._aux_loss_sum += float(aux.detach())
+        detached = aux.detach().float()  # no host sync per micro-step: `log` reads the sum once
+        self._aux_loss_sum = detached if self._aux_loss_sum is None else self._aux_loss_sum + detached
         self._aux_loss_count += 1
         if return_outputs:
             loss, outputs = output
@@ -558,8 +581,8 @@ class ContinualMoETrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._aux_loss_count:
-            logs["router_aux_loss"] = round(self._aux_loss_sum / self._aux_loss_count, 6)
-            self._aux_loss_sum, self._aux_loss_count = 0.0, 0
+            logs["router_aux_loss"] = round(float(self._aux_loss_sum) / self._aux_loss_count, 6)
+            self._aux_loss_sum, self._aux_loss_count = None, 0
         super().log(logs, *args, **kwargs)
 
     # -- input checks ---------------------------------------------------------------------------

@@ -175,3 +175,63 @@ def test_method_presets_run_their_phases_in_the_trainer(preset, tmp_path):
 
 def records_of(task: str) -> list[dict]:
     return records(task, 4, 3)
+
+
+def test_balancing_loss_is_summed_on_device_and_read_only_when_logging(tmp_path, monkeypatch):
+    """Between logging steps the aux-loss sum stays a tensor: no float()/.item() per micro-step."""
+    import transformers
+
+    model = moe_model(router_aux_loss_coef=0.5)
+    trainer = trainer_for(model, tmp_path, max_steps=6, logging_steps=2)
+    cmoe = trainer.continual_model
+    added: list[torch.Tensor] = []  # every aux loss compute_loss adds (GA is 1: added as is)
+    router_aux_loss = cmoe.router_aux_loss
+
+    def spy_aux_loss():
+        aux = router_aux_loss()
+        if aux is not None:
+            added.append(aux.detach().clone())
+        return aux
+
+    monkeypatch.setattr(cmoe, "router_aux_loss", spy_aux_loss)
+
+    # host reads in compute_loss after the Trainer's own loss is computed (what this trainer adds)
+    tail = {"open": False, "reads": [], "sums": []}
+    base_compute_loss = transformers.Trainer.compute_loss
+
+    def trainer_compute_loss(self, *args, **kwargs):
+        output = base_compute_loss(self, *args, **kwargs)
+        tail["open"] = True
+        return output
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", trainer_compute_loss)
+    compute_loss = trainer.compute_loss
+
+    def spy_compute_loss(*args, **kwargs):
+        try:
+            return compute_loss(*args, **kwargs)
+        finally:
+            tail["open"] = False
+            tail["sums"].append(trainer._aux_loss_sum)
+
+    monkeypatch.setattr(trainer, "compute_loss", spy_compute_loss)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, name=name, original=original, **kwargs):
+            if tail["open"]:
+                tail["reads"].append(name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    trainer.train_task(stream(train=32, evaluate=4)[0])
+    monkeypatch.undo()
+
+    assert tail["reads"] == [], "compute_loss read the aux loss on the host"
+    assert len(tail["sums"]) == len(added) == 6
+    assert all(isinstance(total, torch.Tensor) and not total.requires_grad for total in tail["sums"])
+    logged = [entry["router_aux_loss"] for entry in trainer.state.log_history if "router_aux_loss" in entry]
+    expected = [round(float(torch.stack(added[i : i + 2]).mean()), 6) for i in (0, 2, 4)]
+    assert logged == pytest.approx(expected, abs=2e-6)
+    assert trainer._aux_loss_count == 0 and trainer._aux_loss_sum is None, "reset by the last log"
