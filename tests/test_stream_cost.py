@@ -70,7 +70,8 @@ def test_grouped_mm_falls_back_where_the_kernel_cannot_run():
 def test_sparse_backward_keeps_no_gathered_copy_of_the_input():
     """What the sparse path saves for backward is O(tokens * k * r), not O(tokens * k * d_in)."""
     tokens, d_in, r, k = 64, 256, 4, 2
-    x, a, b, expert, gate = random_problem(tokens=tokens, d_in=d_in, r=r, d_out=d_in, k=k, dtype=torch.float32)
+    problem = random_problem(tokens=tokens, d_in=d_in, r=r, d_out=d_in, k=k, dtype=torch.float32)
+    x, a, b, expert, gate = problem
     known = {t.untyped_storage().data_ptr() for t in (x, a, b, expert, gate)}
     saved: dict[int, int] = {}
 
