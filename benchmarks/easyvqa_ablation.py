@@ -36,6 +36,9 @@ def configs(targets: str) -> dict[str, object]:
             freeze_old_experts=False,
         ),
         "continual MoE (default)": ContinualMoEConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
+        "continual MoE, routers over every expert": ContinualMoEConfig(
+            r=4, lora_alpha=8, num_experts=4, top_k=2, router_max_experts=64
+        ),
         "llava_cmoe preset": ContinualMoEConfig.llava_cmoe(r=4, lora_alpha=8),
         "cl_moe preset": ContinualMoEConfig.cl_moe(r=4, lora_alpha=8),
         "per-task LoRA, oracle task id": ContinualMoEConfig(

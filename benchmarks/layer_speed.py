@@ -4,7 +4,8 @@ For every (experts E, top_k) the mixture of E rank-r experts is timed against a 
 rank ``r * top_k`` (``r * E`` when dense) on the same frozen ``nn.Linear(d, d)`` and the same
 input, in one run, with the two measurements interleaved so that a machine slowing down affects
 both alike. A second table compares 8 registered tasks with 1 (same experts, same active task):
-the cost per token must not grow with the number of tasks.
+the cost per token must not grow with the number of tasks. A third computes the same task on the
+sparse and on the dense path, which is where `expert_compute="auto"` takes its thresholds from.
 
     python benchmarks/layer_speed.py                  # d=2048, 4096 tokens (realistic)
     python benchmarks/layer_speed.py --dim 512 --tokens 1024 --repeats 5   # quick look
@@ -24,11 +25,16 @@ from torch import nn
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoELayer
 from cmoe_adapters.routing import RoutingState
+from cmoe_adapters.sparse import prefer_sparse
 
 
-def moe_layer(base: nn.Linear, r: int, experts: int, top_k: int | None, tasks: int) -> ContinualMoELayer:
+def moe_layer(
+    base: nn.Linear, r: int, experts: int, top_k: int | None, tasks: int, compute: str = "auto"
+) -> ContinualMoELayer:
     """A layer with `experts` experts shared by `tasks` tasks (one router each); the last task trains."""
-    config = ContinualMoEConfig(r=r, lora_alpha=2 * r, num_experts=experts, top_k=top_k, experts_per_task=0)
+    config = ContinualMoEConfig(
+        r=r, lora_alpha=2 * r, num_experts=experts, top_k=top_k, experts_per_task=0, expert_compute=compute
+    )
     config.task_records = [{"name": f"task{i}"} for i in range(tasks)]
     layer = ContinualMoELayer(base, "default", config, RoutingState(), layer_name="bench")
     layer.routing.reset(tasks - 1)
@@ -122,6 +128,25 @@ def main() -> None:
             args.repeats,
         )
         print(f"| {experts} | {top_k} | {eight * 1e3:.1f} | {one * 1e3:.1f} | {eight / one:.3f} |")
+
+    print("\n## sparse vs dense: the same task computed both ways (what `expert_compute='auto'` chooses)\n")
+    print("| experts | top_k | sparse ms | dense ms | sparse / dense | auto picks |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for experts in args.experts:
+        for top_k in (1, 2):
+            if top_k >= experts:
+                continue
+            sparse, dense = compare(
+                lambda e=experts, k=top_k: moe_layer(base, args.r, e, k, tasks=1, compute="sparse"),
+                lambda e=experts, k=top_k: moe_layer(base, args.r, e, k, tasks=1, compute="dense"),
+                x,
+                args.repeats,
+            )
+            pick = "sparse" if prefer_sparse(experts, top_k, x.device, x.dtype) else "dense"
+            print(
+                f"| {experts} | {top_k} | {sparse * 1e3:.1f} | {dense * 1e3:.1f} | {sparse / dense:.3f} "
+                f"| {pick} |"
+            )
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ class ContinualMoEConfig(PeftConfig):
             those earlier tasks used most), chosen once when the task is added. A task's router,
             statistics and per-token cost therefore do not grow with the number of tasks before it.
             Default ``max(8, num_experts + experts_per_task)``.
+        expert_compute: ``"auto"`` (default) computes a task's mixture densely over its candidate
+            experts or sparsely (only each token's top-k experts, grouped by expert), whichever is
+            faster for its number of candidates, ``top_k``, device and dtype. ``"dense"`` or
+            ``"sparse"`` force one (dense routing and the dual router are always dense).
         modules_to_save: extra modules trained in full and saved with the adapter (peft semantics).
         locator_feature_source: what the task locator looks at. ``"first_layer_input"`` (default):
             the input of the first adapted layer, taken inside the forward pass the model does
@@ -143,6 +147,9 @@ class ContinualMoEConfig(PeftConfig):
     router_max_experts: int | None = field(
         default=None,
         metadata={"help": "Most experts one task's router chooses among (default: enough for 2 tasks)."},
+    )
+    expert_compute: str = field(
+        default="auto", metadata={"help": "'auto', 'dense' or 'sparse' computation of the mixture."}
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
@@ -305,6 +312,7 @@ class ContinualMoEConfig(PeftConfig):
             errors.append(f"momentum_usage_threshold={self.momentum_usage_threshold!r}: must be >= 0.")
         choices = {
             "task_gate": ("usage", "learned"),
+            "expert_compute": ("auto", "dense", "sparse"),
             "locator_feature_source": ("first_layer_input", "base_last_hidden"),
             "locator_pooling": POOLINGS,
             "locator_score": ("elbo", "reconstruction"),

@@ -213,6 +213,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.top_k: dict[str, int | None] = {}
         self.router_init_std: dict[str, float] = {}
+        self.expert_compute: dict[str, str] = {}
         self.freeze_old_experts: dict[str, bool] = {}
         self.dual_router_beta: dict[str, float | None] = {}
         self.usage_counts: dict[str, torch.Tensor] = {}
@@ -239,6 +240,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.top_k[adapter_name] = config.top_k
         self.router_init_std[adapter_name] = config.router_init_std
+        self.expert_compute[adapter_name] = config.expert_compute
         self.freeze_old_experts[adapter_name] = config.freeze_old_experts
         self.dual_router_beta[adapter_name] = config.dual_router_beta if config.dual_router else None
         for task_index in range(len(config.task_records)):  # candidates are then read from the weights
@@ -363,7 +365,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         x = self._cast_input_dtype(x, expert_a.dtype)
         top_k, beta = self.top_k[adapter_name], self.dual_router_beta[adapter_name]
         # decided by what this task sees only, so later tasks never change how it is computed
-        sparse = beta is None and prefer_sparse(num_experts, top_k, x.device, expert_a.dtype)
+        sparse = beta is None and self._sparse(adapter_name, num_experts, top_k, x)
         hidden = None
         if sparse:
             logits = F.linear(x, router)
@@ -387,6 +389,15 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         gates = (gates * scaling).to(hidden.dtype)
         hidden = rearrange(hidden, "... (e r) -> ... e r", r=r) * gates.unsqueeze(-1)
         return rearrange(hidden, "... e r -> ... (e r)") @ expert_b
+
+    def _sparse(self, adapter_name: str, num_experts: int, top_k: int | None, x: torch.Tensor) -> bool:
+        """Whether a task routing to `top_k` of `num_experts` experts runs on the sparse path."""
+        if top_k is None or top_k >= num_experts:
+            return False
+        compute = self.expert_compute[adapter_name]
+        if compute == "auto":
+            return prefer_sparse(num_experts, top_k, x.device, x.dtype)
+        return compute == "sparse"
 
     def _mixed_task_mixture(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Samples of different tasks in one batch: each token routes with its sample's router.

@@ -146,6 +146,17 @@ class TaskLocator(nn.Module):
         super().__init__()
         self.vaes = nn.ModuleList()
         self._stacked_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self._fitted_cache: tuple[tuple, list[bool]] | None = None
+        self._generation = 0  # bumped whenever a VAE is added, removed, fitted or loaded
+        self.register_load_state_dict_post_hook(lambda module, _: module._changed())
+
+    def _changed(self) -> None:
+        self._generation += 1
+
+    def _cache_key(self) -> tuple:
+        """Changes with the VAEs, and with moving them (`.to()` makes new buffers)."""
+        ends = (self.vaes[0], self.vaes[-1]) if len(self.vaes) else ()
+        return (self._generation, *(id(vae.feature_mean) for vae in ends))
 
     def __len__(self) -> int:
         return len(self.vaes)
@@ -158,10 +169,21 @@ class TaskLocator(nn.Module):
         if device is None and reference is not None:
             device = reference.device
         self.vaes.append(TaskVAE(feature_dim, hidden_dim, latent_dim).to(device))
+        self._changed()
+
+    def remove_last(self) -> None:
+        """Drop the newest task's VAE (rolls back a task)."""
+        self.vaes = nn.ModuleList(list(self.vaes)[:-1])
+        self._changed()
 
     @property
     def fitted(self) -> list[bool]:
-        return [bool(vae.fitted) for vae in self.vaes]
+        """Which tasks have a fitted VAE (read from the device once per change, not per forward)."""
+        key = self._cache_key()
+        if self._fitted_cache is None or self._fitted_cache[0] != key:
+            flags = torch.stack([vae.fitted for vae in self.vaes]).tolist() if len(self.vaes) else []
+            self._fitted_cache = (key, flags)
+        return list(self._fitted_cache[1])
 
     def fit(
         self,
@@ -222,7 +244,7 @@ class TaskLocator(nn.Module):
             vae.score_mean.copy_(scores.mean())
             vae.score_std.copy_(scores.std(unbiased=False).clamp_min(1e-6 + 1e-3 * scores.mean().abs()))
             vae.fitted.fill_(True)
-        self._stacked_cache = None
+        self._changed()
         return LocatorFit(
             task=task_name,
             train_samples=train.shape[0],
@@ -233,8 +255,7 @@ class TaskLocator(nn.Module):
         )
 
     def _stacked(self) -> dict[str, torch.Tensor]:
-        tensors = [t for vae in self.vaes for t in vae.buffers()]
-        key = tuple((id(t), t._version, t.device) for t in tensors)
+        key = self._cache_key()
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             with torch.no_grad():
                 self._stacked_cache = (key, stack_vaes(list(self.vaes)))

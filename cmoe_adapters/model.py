@@ -283,7 +283,7 @@ class ContinualMoEModel(BaseTuner):
             layer.set_trainable_task(adapter_name, previous if previous >= 0 else None)
         locator = self._locator
         if len(locator) == len(config.task_records):
-            locator.vaes = torch.nn.ModuleList(list(locator.vaes)[:-1])
+            locator.remove_last()
         return config.task_records.pop()
 
     def freeze(self) -> None:

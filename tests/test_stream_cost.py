@@ -8,7 +8,6 @@ from conftest import randomize_experts, tiny_llama
 from peft import get_peft_model
 from torch import nn
 
-import cmoe_adapters.experts as experts_module
 from cmoe_adapters import ContinualMoEConfig, ContinualMoELayer
 from cmoe_adapters.routing import RoutingState, candidate_experts
 from cmoe_adapters.sparse import grouped_mm, prefer_sparse, sparse_lora
@@ -161,16 +160,22 @@ def test_old_tasks_stay_bit_identical_on_the_sparse_and_the_dense_path(input_ids
     assert not paths[0] and paths[-1], "the stream must exercise both paths"
 
 
+def force(model, compute: str) -> None:
+    """Switch every layer to the dense or the sparse path (``expert_compute`` at creation does this)."""
+    for layer in (m for m in model.modules() if isinstance(m, ContinualMoELayer)):
+        layer.expert_compute["default"] = compute
+
+
 @pytest.mark.parametrize("top_k", [1, 2, None])
-def test_sparse_path_equals_dense_path_for_the_same_task(input_ids, top_k, monkeypatch):
-    model = make_stream_model(3, num_experts=4, top_k=top_k)
+def test_sparse_path_equals_dense_path_for_the_same_task(input_ids, top_k):
+    model = make_stream_model(3, num_experts=4, top_k=top_k, expert_compute="dense")
     dense = model(input_ids=input_ids, task="t2").logits
-    monkeypatch.setattr(experts_module, "prefer_sparse", lambda *args: top_k is not None)
+    force(model, "sparse")
     torch.testing.assert_close(model(input_ids=input_ids, task="t2").logits, dense, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_training_step_gives_the_dense_gradients(input_ids, monkeypatch):
-    model = make_stream_model(3, num_experts=4, top_k=2)
+def test_sparse_training_step_gives_the_dense_gradients(input_ids):
+    model = make_stream_model(3, num_experts=4, top_k=2, expert_compute="dense")
     model.train()
 
     def gradients():
@@ -180,7 +185,7 @@ def test_sparse_training_step_gives_the_dense_gradients(input_ids, monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     dense = gradients()
-    monkeypatch.setattr(experts_module, "prefer_sparse", lambda *args: True)
+    force(model, "sparse")
     sparse = gradients()
     assert dense.keys() == sparse.keys() and len(dense) > 0
     for name in dense:
