@@ -74,7 +74,10 @@ class ContinualMoEConfig(PeftConfig):
             experts, then the old experts most useful to it (those the probe phase saw it use, else
             those earlier tasks used most), chosen once when the task is added. A task's router,
             statistics and per-token cost therefore do not grow with the number of tasks before it.
-            Default ``max(8, num_experts + experts_per_task)``.
+            Default ``max(num_experts, experts_per_task)``: every task routes among as many experts
+            as the first, so every task costs per token what the first costs. A larger cap lets
+            later tasks also reach old experts, at the cost of a wider dense mixture (or of the
+            sparse path's gathers) per token.
         expert_compute: ``"auto"`` (default) computes a task's mixture densely over its candidate
             experts or sparsely (only each token's top-k experts, grouped by expert), whichever is
             faster for its number of candidates, ``top_k``, device and dtype. ``"dense"`` or
@@ -146,7 +149,7 @@ class ContinualMoEConfig(PeftConfig):
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of new routers."})
     router_max_experts: int | None = field(
         default=None,
-        metadata={"help": "Most experts one task's router chooses among (default: enough for 2 tasks)."},
+        metadata={"help": "Most experts one task's router chooses among (default: as many as task 1's)."},
     )
     expert_compute: str = field(
         default="auto", metadata={"help": "'auto', 'dense' or 'sparse' computation of the mixture."}
@@ -199,7 +202,7 @@ class ContinualMoEConfig(PeftConfig):
             self.experts_per_task = self.num_experts
         counts = (self.num_experts, self.experts_per_task)
         if self.router_max_experts is None and all(isinstance(n, int) for n in counts):
-            self.router_max_experts = max(8, self.num_experts + self.experts_per_task)
+            self.router_max_experts = max(counts)
         self._validate()
 
     # -- saving and loading (see shards.py) -------------------------------------------------------

@@ -26,6 +26,7 @@ from einops import rearrange
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import zero3
 from .config import ContinualMoEConfig
 from .routing import Routed, RoutingState, TaskRouters, balancing_loss, candidate_experts, route
 from .sparse import prefer_sparse, sparse_lora
@@ -123,8 +124,8 @@ class LoRAExperts(nn.Module):
 
         Built block by block: a block taken whole is used as it is (a trainable block keeps its
         gradient, and nothing else gets one), other rows are gathered. A task's candidates never
-        change, so neither do these values when later tasks add experts. Cached while nothing in it
-        can change (inference).
+        change, so neither do these values when later tasks add experts. A gathered copy is cached
+        while nothing in it can change (inference).
         """
         blocks = list(zip(self.lora_A, self.lora_B, strict=True))
         needs_graph = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in blocks)
@@ -133,7 +134,7 @@ class LoRAExperts(nn.Module):
         cached = None if needs_graph or self.training else self._select_cache.get(tuple(experts))
         if cached is not None and cached[0] == key:
             return cached[1]
-        pieces_a, pieces_b, start, r = [], [], 0, self.r
+        pieces_a, pieces_b, start, r, gathered = [], [], 0, self.r, False
         for a, b in blocks:
             count = full_shape(a)[0] // r
             inside = [e - start for e in experts if start <= e < start + count]
@@ -150,11 +151,15 @@ class LoRAExperts(nn.Module):
                     rows = (index[:, None] * r + torch.arange(r, device=a.device)).flatten()
                     pieces_a.append(a.index_select(0, rows))
                     pieces_b.append(b.index_select(0, rows))
+                    gathered = True
             start += count
+        if len(pieces_a) == 1 and not gathered:
+            return pieces_a[0], pieces_b[0]  # a block or a slice of one: nothing to keep
         selected = (
             (pieces_a[0], pieces_b[0]) if len(pieces_a) == 1 else (torch.cat(pieces_a), torch.cat(pieces_b))
         )
-        if not (needs_graph or self.training):
+        # only copies are kept (never views of weights ZeRO-3 may release after the forward)
+        if not (needs_graph or self.training or zero3.is_partitioned(blocks[0][0])):
             if len(self._select_cache) >= _SELECT_CACHE_SIZE:
                 self._select_cache.pop(next(iter(self._select_cache)))
             self._select_cache[tuple(experts)] = (key, tuple(t.detach() for t in selected))

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 # Dense stacked experts cost ``E * r`` per token, the sparse path ``k * r`` plus a gather and a
-# scatter of the token rows. On CPU those are memory-bound: measured on one thread (d=512, 2048
-# tokens, r=8), sparse only catches up with dense from about 8 experts per routed slot
-# (benchmarks/layer_speed.py, "sparse vs dense"). On CUDA grouped_mm runs in bf16 (SM80+) and the
-# gathers are cheap next to it; that threshold is an estimate (no GPU measurement yet).
-_SPARSE_MIN_EXPERTS_PER_K = {"cpu": 8, "cuda": 2}
+# scatter of the token rows. On CPU those are memory-bound: measured forward+backward on one thread
+# (d=512, 2048 tokens, r=8; benchmarks/layer_speed.py, "sparse vs dense"), sparse / dense is 1.03 at
+# 8 experts and 0.91 at 16 for top-1, 1.25 at 16 and 0.86 at 32 for top-2: sparse pays off from
+# about 12 experts per routed slot. On CUDA grouped_mm runs in bf16 (SM80+) and the gathers are
+# cheap next to it; that threshold is an estimate (no GPU measurement yet).
+_SPARSE_MIN_EXPERTS_PER_K = {"cpu": 12, "cuda": 2}
 _GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 
 
@@ -35,7 +36,7 @@ def prefer_sparse(num_experts: int, top_k: int | None, device: torch.device, dty
         return False
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return False
-    return num_experts >= _SPARSE_MIN_EXPERTS_PER_K.get(device.type, 8) * top_k
+    return num_experts >= _SPARSE_MIN_EXPERTS_PER_K.get(device.type, 12) * top_k
 
 
 def _kernel_accepts(*operands: torch.Tensor) -> bool:

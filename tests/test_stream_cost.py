@@ -119,8 +119,9 @@ def adapter_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".cmoe_" in n)
 
 
-def test_what_a_task_adds_does_not_grow_with_the_stream():
-    model = make_stream_model(0)
+@pytest.mark.parametrize("experts_per_task", [4, 2])
+def test_what_a_task_adds_does_not_grow_with_the_stream(experts_per_task):
+    model = make_stream_model(0, experts_per_task=experts_per_task)
     added = []
     for index in range(12):
         before = adapter_parameters(model)
@@ -129,8 +130,14 @@ def test_what_a_task_adds_does_not_grow_with_the_stream():
     assert added[1] == added[-1], added
     layer = next(m for m in model.modules() if isinstance(m, ContinualMoELayer))
     routers = layer.cmoe_routers["default"]
-    assert [routers.num_experts(t) for t in range(12)] == [4] + [8] * 11
-    assert routers.candidates(11)[-4:] == [44, 45, 46, 47], "a task always reaches its own experts"
+    assert [routers.num_experts(t) for t in range(12)] == [4] * 12, (
+        "every task routes among as many as task 1"
+    )
+    newest = 4 + 10 * experts_per_task
+    own = list(range(newest, newest + experts_per_task))
+    assert routers.candidates(11)[-experts_per_task:] == own, "a task always reaches its own experts"
+    if experts_per_task == 2:
+        assert routers.candidates(11)[:2] == [newest - 2, newest - 1], "no usage yet: the newest old experts"
 
 
 def test_records_without_a_cap_route_among_every_expert():
@@ -144,10 +151,10 @@ def test_records_without_a_cap_route_among_every_expert():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_old_tasks_stay_bit_identical_on_the_sparse_and_the_dense_path(input_ids, top_k):
     """Tasks with few candidates run dense, with many sparse; later tasks change neither."""
-    model = make_stream_model(1, num_experts=2, experts_per_task=2, top_k=top_k, router_max_experts=16)
+    model = make_stream_model(1, num_experts=2, experts_per_task=2, top_k=top_k, router_max_experts=24)
     layer = next(m for m in model.modules() if isinstance(m, ContinualMoELayer))
     outputs = {}
-    for index in range(1, 9):
+    for index in range(1, 12):
         model.add_task(f"t{index}")
         randomize_trainable(model, seed=index)  # as if trained: only the new task's parameters
         for name, logits in outputs.items():
@@ -155,7 +162,7 @@ def test_old_tasks_stay_bit_identical_on_the_sparse_and_the_dense_path(input_ids
         outputs[f"t{index}"] = model(input_ids=input_ids, task=f"t{index}").logits
     paths = [
         prefer_sparse(layer.cmoe_routers["default"].num_experts(t), top_k, input_ids.device, torch.float32)
-        for t in range(9)
+        for t in range(12)
     ]
     assert not paths[0] and paths[-1], "the stream must exercise both paths"
 
