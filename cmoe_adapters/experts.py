@@ -111,7 +111,6 @@ class LoRAExperts(nn.Module):
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in blocks)
         if needs_graph or self.training:
             self._stacked_cache = None
-            self._select_cache.clear()
             return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B))
         key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in blocks)
         if self._stacked_cache is None or self._stacked_cache[0] != key:
@@ -418,9 +417,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         tasks = self.routing.tasks_for(x.shape[0]).to(x.device)
-        # only the newest task's router may be training; everything older is frozen
-        cacheable = not (torch.is_grad_enabled() and self.training)
-        table = routers.table(cacheable)
+        # kept between forwards only where no gradient flows (inference, generate, evaluation)
+        table = routers.table(cacheable=not torch.is_grad_enabled())
         all_a, all_b = experts.stacked()
         x = self._cast_input_dtype(x, all_a.dtype)
         logits = torch.einsum("bnd,bcd->bnc", x, table["weight"][tasks].to(x.dtype))

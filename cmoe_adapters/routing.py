@@ -204,8 +204,9 @@ class TaskRouters(nn.Module):
         ``weight [T, C_max, d_in]``, ``experts [T, C_max]`` (layer-wide, padding points at expert
         0), ``visible [T, C_max]`` bool, and with a task-level gate ``gate [T, C_max]`` and
         ``has_gate [T]``. Per-sample routing then gathers rows of these by the samples' task
-        indices, on the device, whatever the number of tasks. Kept until a task is added or
-        removed, or the routers are loaded, when `cacheable` (nothing in it is being trained).
+        indices, on the device, whatever the number of tasks. With `cacheable` (no gradient flows:
+        inference, generate, evaluation) it is kept until a task is added or removed, the routers
+        are loaded, or the newest task's router or statistics change.
         """
         newest = len(self) - 1  # the only task whose router an optimizer may have stepped since
         key = (

@@ -244,3 +244,15 @@ def test_a_mixed_batch_forward_reads_nothing_per_layer(input_ids, monkeypatch, t
         model(input_ids=ids, task=names)
         model(input_ids=ids, task="t1")
     assert reads.count == 1, "only the routing state's one check that the samples' tasks differ"
+
+
+def test_mixed_batches_pass_gradients_to_the_routers_on_every_backward(input_ids):
+    """With gradients on, the per-sample router table is built in the graph of each forward."""
+    model = make_stream_model(3)
+    model.eval()  # evaluation mode, gradients on: e.g. attributions on a located batch
+    layer = next(m for m in model.modules() if isinstance(m, ContinualMoELayer))
+    layer.cmoe_routers["default"].router(2).requires_grad_(True)
+    ids = input_ids.repeat(2, 1)[:2]
+    for _ in range(2):
+        model(input_ids=ids, task=["t0", "t2"]).logits.sum().backward()
+    assert layer.cmoe_routers["default"].router(2).grad.abs().sum() > 0
