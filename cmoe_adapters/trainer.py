@@ -139,7 +139,7 @@ def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) ->
     return args
 
 
-class _LocatorFeaturesInCheckpoints(TrainerCallback):
+class _TaskProgressInCheckpoints(TrainerCallback):
     """Adds every process's collected locator features and expert-usage counts to each Trainer
     checkpoint (rank 0 writes).
 
@@ -211,7 +211,7 @@ class ContinualMoETrainer(Trainer):
             args.push_to_hub = False
         args = _reentrant_checkpointing_under_zero3(model, args)
         super().__init__(model=model, args=args, **kwargs)
-        self.add_callback(_LocatorFeaturesInCheckpoints(self))
+        self.add_callback(_TaskProgressInCheckpoints(self))
         self.continual_output_dir = args.output_dir
         self.result = ContinualResult()
         self._seen: dict[str, Task] = {}
