@@ -45,9 +45,10 @@ def test_expansion_adds_experts_only_where_chosen_and_copies_the_named_expert(in
             a, b = experts.stacked()
             assert torch.equal(a[12:16], a[8:12]) and torch.equal(a[16:20], a[0:4]), "copies experts 2 and 0"
             assert torch.equal(b[12:16], b[8:12])
+            assert layer.cmoe_routers["default"].candidates(1)[-2:] == [3, 4], "b reaches its new experts"
         else:
             assert experts.num_experts == 3
-        assert layer.cmoe_routers["default"].num_experts(1) == experts.num_experts
+        assert layer.cmoe_routers["default"].num_experts(1) == 3, "as many candidates as task a"
     assert torch.equal(model(input_ids=input_ids, task="a").logits, before), "old task unchanged"
     record = model.peft_config["default"].task_records[1]
     assert record["expanded_layers"] == sorted(chosen) and record["init_from"][chosen[0]] == [2, 0]
