@@ -349,20 +349,15 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
                     "to the model's forward or generate."
                 )
             task = 0
-        delta = self._mixture(x, adapter_name, task)
-        if delta is None:
-            return result
-        return (result + delta).to(result.dtype)
+        return (result + self._mixture(x, adapter_name, task)).to(result.dtype)
 
-    def _mixture(self, x: torch.Tensor, adapter_name: str, task: int | torch.Tensor) -> torch.Tensor | None:
+    def _mixture(self, x: torch.Tensor, adapter_name: str, task: int | torch.Tensor) -> torch.Tensor:
         if isinstance(task, torch.Tensor):
             return self._mixed_task_mixture(x, adapter_name)
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         dropout = self.cmoe_dropout[adapter_name]
-        candidates = routers.candidates(task)
-        if not candidates:
-            return None
+        candidates = routers.candidates(task)  # never empty: every task reaches >= num_experts >= 1
         num_experts, r = len(candidates), experts.r
         expert_a, expert_b = experts.select(candidates)
         router = routers.router(task)

@@ -145,8 +145,7 @@ class TaskLocator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.vaes = nn.ModuleList()
-        self._stacked_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self._fitted_cache: tuple[tuple, list[bool]] | None = None
+        self._stacked_cache: tuple[tuple, dict[str, torch.Tensor], list[bool]] | None = None
         self._generation = 0  # bumped whenever a VAE is added, removed, fitted or loaded
         self.register_load_state_dict_post_hook(lambda module, _: module._changed())
 
@@ -179,11 +178,7 @@ class TaskLocator(nn.Module):
     @property
     def fitted(self) -> list[bool]:
         """Which tasks have a fitted VAE (read from the device once per change, not per forward)."""
-        key = self._cache_key()
-        if self._fitted_cache is None or self._fitted_cache[0] != key:
-            flags = torch.stack([vae.fitted for vae in self.vaes]).tolist() if len(self.vaes) else []
-            self._fitted_cache = (key, flags)
-        return list(self._fitted_cache[1])
+        return list(self._derived()[1]) if len(self.vaes) else []
 
     def fit(
         self,
@@ -254,12 +249,17 @@ class TaskLocator(nn.Module):
             score_std=float(vae.score_std),
         )
 
-    def _stacked(self) -> dict[str, torch.Tensor]:
+    def _derived(self) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        """The stacked VAEs and their fitted flags, made (and read from the device) once per change."""
         key = self._cache_key()
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             with torch.no_grad():
-                self._stacked_cache = (key, stack_vaes(list(self.vaes)))
-        return self._stacked_cache[1]
+                stacked = stack_vaes(list(self.vaes))
+            self._stacked_cache = (key, stacked, stacked["fitted"].tolist())
+        return self._stacked_cache[1], self._stacked_cache[2]
+
+    def _stacked(self) -> dict[str, torch.Tensor]:
+        return self._derived()[0]
 
     @torch.no_grad()
     def calibrated_scores(self, features: torch.Tensor, score_kind: str) -> torch.Tensor:

@@ -158,22 +158,19 @@ class _TaskProgressInCheckpoints(TrainerCallback):
         buffer = cmoe.feature_buffer_in_use if cmoe is not None else None
         if buffer is None:
             return
-        usage = _gather_objects(cmoe.usage_state())
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            counts = {
-                f"rank{rank}/{layer}": value
-                for rank, part in enumerate(usage)
-                for layer, value in part.items()
-            }
-            save_file(counts, os.path.join(folder, f"{USAGE_COUNTS}.safetensors"))
         # the rows may live on the device: one copy to the host per checkpoint, not per step
         entry = None if len(buffer) == 0 else (buffer.tensor().cpu(), buffer.seen, buffer.random_state())
-        entries = _gather_objects(entry)
+        gathered = _gather_objects((cmoe.usage_state(), entry))  # one collective for both
         if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        kept = {rank: entry for rank, entry in enumerate(entries) if entry is not None}
+        counts = {
+            f"rank{rank}/{layer}": value
+            for rank, (usage, _) in enumerate(gathered)
+            for layer, value in usage.items()
+        }
+        save_file(counts, os.path.join(folder, f"{USAGE_COUNTS}.safetensors"))
+        kept = {rank: entry for rank, (_, entry) in enumerate(gathered) if entry is not None}
         save_file(
             {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()},
             os.path.join(folder, f"{LOCATOR_FEATURES}.safetensors"),
