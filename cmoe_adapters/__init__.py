@@ -12,6 +12,7 @@ check_dependencies()
 from ._peft import CONTINUAL_MOE, register_with_peft  # noqa: E402
 from .config import ContinualMoEConfig  # noqa: E402
 from .experts import ContinualMoELayer  # noqa: E402
+from .locator import TaskLocation  # noqa: E402
 from .model import ContinualMoEModel  # noqa: E402
 from .results import ContinualResult  # noqa: E402
 from .trainer import ContinualMoETrainer, ContinualTrainingArguments, Task  # noqa: E402
@@ -29,5 +30,6 @@ __all__ = [
     "ContinualResult",
     "ContinualTrainingArguments",
     "Task",
+    "TaskLocation",
     "__version__",
 ]

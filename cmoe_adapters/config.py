@@ -16,6 +16,7 @@ from peft import PeftConfig
 
 from . import shards
 from ._peft import CONTINUAL_MOE
+from .densities import DENSITIES
 from .features import POOLINGS
 
 # A task name becomes a module-independent key, a directory name and a Hub revision (branch or tag),
@@ -88,19 +89,36 @@ class ContinualMoEConfig(PeftConfig):
             anyway (no extra cost; routing does not influence it yet). ``"base_last_hidden"``: the
             frozen base model's last hidden state (LLaVA-CMoE's choice), which costs one extra
             forward pass of the base model whenever tasks are located or features collected.
-        locator_pooling: ``"text_image_mean"`` (default): the mean over the prompt's text tokens
-            next to the mean over its image tokens (a feature twice the hidden size), so neither the
-            question nor the image drowns the other; ``"mean"`` over all prompt tokens; or the
-            ``"last"`` prompt token. Answer tokens are never used, in training or at inference.
+        locator_pooling: ``"text_image_moments"`` (default): the mean over the prompt's text
+            tokens, the mean over its image tokens and their spread (a feature three times the
+            hidden size), so neither the question nor the image drowns the other, and an image is
+            seen by its texture as well as its average colour; ``"text_image_mean"`` without the
+            spread; ``"mean"`` over all prompt tokens; or the ``"last"`` prompt token. Answer tokens
+            are never used, in training or at inference.
+        locator_density: the model of each task's features. ``"gaussian"`` (default): a low-rank
+            Gaussian (probabilistic PCA) fitted in closed form, tasks compared by likelihood.
+            ``"vae"``: LLaVA-CMoE's per-task VAE, tasks compared by z-normalised scores. Adapters
+            saved before this option existed keep their VAEs. See docs/benchmarks.md.
+        locator_rank: principal directions of each task's Gaussian.
         locator_latent_dim: latent size of each task's VAE.
         locator_hidden_dim: hidden size of each task's VAE.
         locator_steps: optimisation steps to fit a task's VAE.
         locator_lr: learning rate of VAE fitting.
         locator_batch_size: batch size of VAE fitting.
-        locator_score: ``"elbo"`` (negative ELBO with the posterior mean) or ``"reconstruction"``.
+        locator_score: the VAE's score, ``"elbo"`` (negative ELBO with the posterior mean) or
+            ``"reconstruction"``.
         locator_calibration_fraction: share of a task's features held out to calibrate its scores
-            (z-normalisation), so tasks with different feature scales compete fairly.
-        locator_temperature: softmax temperature turning calibrated scores into probabilities.
+            (z-normalisation and the open-set fence).
+        locator_open_set: what an input of none of the learnt tasks gets (an input outside every
+            task's fence): ``"base"`` (default) the base model's own output for that sample, its
+            adapters off (also inside a batch of other tasks); ``"nearest"`` the nearest task's
+            experts anyway (LLaVA-CMoE's behaviour); ``"error"`` a `ValueError`.
+        locator_open_set_fence: how far beyond its own held-out scores a task still accepts an
+            input: its upper quartile plus this many interquartile ranges (a Tukey fence). The
+            default 10 is the smallest that rejected none of the learnt tasks' test inputs in
+            `benchmarks/locator_open_set.py` (Tukey's "far out" 3 rejected up to 3%); smaller
+            catches more unknown inputs and rejects more known ones.
+        locator_temperature: softmax temperature turning the scores into probabilities.
         locator_max_features: features kept per task for fitting (reservoir sample).
         locator_feature_dim: set when the first locator is fitted (state; leave it None).
         freeze_old_experts: a new task freezes the experts of earlier tasks (default). ``False``
@@ -161,8 +179,18 @@ class ContinualMoEConfig(PeftConfig):
         default="first_layer_input", metadata={"help": "'first_layer_input' (free) or 'base_last_hidden'."}
     )
     locator_pooling: str = field(
-        default="text_image_mean",
-        metadata={"help": "'text_image_mean', 'mean' (all prompt tokens) or 'last' prompt token."},
+        default="text_image_moments",
+        metadata={"help": "'text_image_moments', 'text_image_mean', 'mean' or 'last' prompt token."},
+    )
+    locator_density: str | None = field(
+        default=None, metadata={"help": "'gaussian' (default) or 'vae' (LLaVA-CMoE) per-task density."}
+    )
+    locator_rank: int = field(default=32, metadata={"help": "Principal directions of each task's Gaussian."})
+    locator_open_set: str = field(
+        default="base", metadata={"help": "Inputs of no learnt task: 'base', 'nearest' or 'error'."}
+    )
+    locator_open_set_fence: float = field(
+        default=10.0, metadata={"help": "Interquartile ranges beyond a task's held-out scores it accepts."}
     )
     locator_latent_dim: int = field(default=16, metadata={"help": "Latent size of each task's VAE."})
     locator_hidden_dim: int = field(default=128, metadata={"help": "Hidden size of each task's VAE."})
@@ -203,6 +231,8 @@ class ContinualMoEConfig(PeftConfig):
         counts = (self.num_experts, self.experts_per_task)
         if self.router_max_experts is None and all(isinstance(n, int) for n in counts):
             self.router_max_experts = max(counts)
+        if self.locator_density is None:  # a fitted locator saved before the option existed: VAEs
+            self.locator_density = "vae" if self.locator_feature_dim is not None else "gaussian"
         self._validate()
 
     # -- saving and loading (see shards.py) -------------------------------------------------------
@@ -319,12 +349,23 @@ class ContinualMoEConfig(PeftConfig):
             "locator_feature_source": ("first_layer_input", "base_last_hidden"),
             "locator_pooling": POOLINGS,
             "locator_score": ("elbo", "reconstruction"),
+            "locator_density": DENSITIES,
+            "locator_open_set": ("base", "nearest", "error"),
         }
         for attr, allowed in choices.items():
             if getattr(self, attr) not in allowed:
                 options = ", ".join(map(repr, allowed))
                 errors.append(f"{attr}={getattr(self, attr)!r}: choose one of {options}.")
-        for attr in ("locator_latent_dim", "locator_hidden_dim", "locator_steps", "locator_batch_size"):
+        fence = self.locator_open_set_fence
+        if not isinstance(fence, (int, float)) or isinstance(fence, bool) or fence < 0:
+            errors.append(f"locator_open_set_fence={fence!r}: must be a number >= 0.")
+        for attr in (
+            "locator_latent_dim",
+            "locator_hidden_dim",
+            "locator_rank",
+            "locator_steps",
+            "locator_batch_size",
+        ):
             if not is_int(getattr(self, attr)) or getattr(self, attr) < 1:
                 errors.append(f"{attr}={getattr(self, attr)!r}: must be an integer >= 1.")
         if not is_int(self.locator_max_features) or self.locator_max_features < 2:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import zero3
 from .config import ContinualMoEConfig
-from .routing import Routed, RoutingState, TaskRouters, balancing_loss, candidate_experts, route
+from .routing import BASE_MODEL, Routed, RoutingState, TaskRouters, balancing_loss, candidate_experts, route
 from .sparse import prefer_sparse, sparse_lora
 from .zero3 import full_shape
 
@@ -342,6 +342,8 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         if adapter_name not in self.cmoe_routers or len(self.cmoe_routers[adapter_name]) == 0:
             return result
         task = self.routing.task
+        if self.routing.any_base and not isinstance(task, torch.Tensor):
+            return result  # no sample of a learnt task: the base model answers
         if task is None:
             if len(self.cmoe_routers[adapter_name]) > 1:
                 raise RuntimeError(
@@ -412,6 +414,9 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         tasks = self.routing.tasks_for(x.shape[0]).to(x.device)
+        known = None
+        if self.routing.any_base:
+            known, tasks = tasks != BASE_MODEL, tasks.clamp_min(0)
         # kept between forwards only where no gradient flows (inference, generate, evaluation)
         table = routers.table(cacheable=not torch.is_grad_enabled())
         all_a, all_b = experts.stacked()
@@ -430,13 +435,16 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
                 mix = torch.where(table["has_gate"][tasks], beta, 1.0)[:, None, None].to(weights.dtype)
                 weights = mix * weights + (1 - mix) * table["gate"][tasks][:, None, :].to(weights.dtype)
         r = experts.r
-        return sparse_lora(
+        mixture = sparse_lora(
             self.cmoe_dropout[adapter_name](x),
             all_a.view(-1, r, all_a.shape[-1]),
             all_b.view(-1, r, all_b.shape[-1]),
             chosen,
             weights * self.scaling[adapter_name],
         )
+        if known is not None:  # samples of no learnt task: exactly the base layer's output
+            mixture = torch.where(known[:, None, None], mixture, torch.zeros((), dtype=mixture.dtype))
+        return mixture
 
     def _observe(self, adapter_name: str, routed: Routed, count_usage: bool) -> None:
         """The balancing loss (training) and expert usage (when tracked) of one routing decision."""

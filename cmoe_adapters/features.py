@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-POOLINGS = ("text_image_mean", "mean", "last")
+POOLINGS = ("text_image_mean", "text_image_moments", "mean", "last")
 
 # config attributes under which Hugging Face VLMs name their image/video placeholder tokens
 _IMAGE_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
@@ -59,8 +59,9 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool_features(hidden: torch.Tensor, masks: PromptMasks, pooling: str) -> torch.Tensor:
-    """``[B, N, d]`` hidden states to ``[B, d]`` in fp32 (``[B, 2d]`` for ``"text_image_mean"``
-    on a model with image tokens; on a text-only model it is the plain mean).
+    """``[B, N, d]`` hidden states to ``[B, d]`` in fp32 (``[B, 2d]`` for ``"text_image_mean"``,
+    ``[B, 3d]`` for ``"text_image_moments"``, on a model with image tokens; on a text-only model
+    both are the plain mean).
 
     Answer tokens never count. A sample without prompt tokens (plain language-model data) is
     pooled over all its tokens; a sample without image tokens gets zeros for the image half.
@@ -87,4 +88,9 @@ def pool_features(hidden: torch.Tensor, masks: PromptMasks, pooling: str) -> tor
     image = masks.image.to(device) if masks.image.shape == shape else torch.zeros_like(prompt)
     text = prompt & ~image
     text = text | ~text.any(dim=1, keepdim=True)  # an image-only prompt: its text half is its mean
-    return torch.cat([_masked_mean(hidden, text), _masked_mean(hidden, prompt & image)], dim=-1)
+    image = prompt & image
+    image_mean = _masked_mean(hidden, image)
+    parts = [_masked_mean(hidden, text), image_mean]
+    if pooling == "text_image_moments":  # the image tokens' spread: texture, not only average colour
+        parts.append(_masked_mean((hidden - image_mean.unsqueeze(1)).pow(2), image).sqrt())
+    return torch.cat(parts, dim=-1)

@@ -1,184 +1,139 @@
-"""The probabilistic task locator: one small VAE per task picks each sample's task at inference.
+"""The task locator: one density model per task picks each sample's task, or none of them.
 
 LLaVA-CMoE fits a VAE on a feature of each task's inputs and, when the task is unknown, uses the
-router of the task whose VAE explains the input best. Two weak points are addressed here:
+router of the task whose VAE explains the input best. Here the density is a choice (see
+`densities`): a closed-form low-rank Gaussian by default, the paper's VAE as an option. Three weak
+points of the paper's locator are addressed:
 
-* **Fair comparison across tasks.** Each VAE standardises the feature with its own task's
-  statistics, and its score (negative ELBO, or reconstruction error) is z-normalised with the
-  scores of its own *held-out* training samples. Scores of tasks with different feature scales
-  become comparable, and they turn into probabilities with a softmax.
-* **Cost.** All VAEs are scored together with batched matrix products (stacked weights), so
-  locating is a handful of small kernels whatever the number of tasks, and the feature itself is
-  taken inside the forward pass the model does anyway (see `model.py`).
+* **Fair comparison across tasks.** Gaussians are normalised densities, compared by likelihood;
+  VAE scores are z-normalised with each task's own *held-out* training samples.
+* **Open set.** An input far outside every task's held-out scores is of *none* of the learnt
+  tasks. The fence is a Tukey fence: a task accepts an input whose score is at most its held-out
+  upper quartile plus ``fence`` interquartile ranges (``locator_open_set_fence``); an input no
+  task accepts is unknown, and ``locator_open_set`` says what happens to it. The fence uses the
+  tasks' own data only -- no example of an unknown task is needed.
+* **Cost.** All densities are scored together with batched matrix products on stacked weights,
+  and the feature is taken inside the forward pass the model does anyway (see `model.py`).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-_VAE_LINEARS = ("encoder.0", "encoder.2", "decoder.0", "decoder.2")
+from .densities import TaskDensity, TaskGaussian, TaskVAE, raw_scores, stack
 
-
-class FittedLinear(nn.Module):
-    """A linear layer whose weight and bias are buffers.
-
-    A locator is fitted by its own loop (`TaskLocator.fit`), never by the model's optimizer, so its
-    weights are state rather than parameters: DDP, DeepSpeed ZeRO-3 and FSDP then keep them whole on
-    every process instead of sharding them, and they never show up as trainable.
-    """
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(out_features, in_features))
-        self.register_buffer("bias", torch.zeros(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def _vae_network(feature_dim: int, hidden_dim: int, latent_dim: int, linear: type[nn.Module]) -> nn.Module:
-    """Encoder ``d -> h -> 2z`` and decoder ``z -> h -> d`` built from `linear` layers."""
-    network = nn.Module()
-    network.encoder = nn.Sequential(
-        linear(feature_dim, hidden_dim), nn.SiLU(), linear(hidden_dim, 2 * latent_dim)
-    )
-    network.decoder = nn.Sequential(
-        linear(latent_dim, hidden_dim), nn.SiLU(), linear(hidden_dim, feature_dim)
-    )
-    return network
-
-
-class TaskVAE(nn.Module):
-    """A 2-layer MLP VAE over one task's features, with that task's calibration statistics.
-
-    Everything is a buffer (see `FittedLinear`); `TaskLocator.fit` trains an ordinary twin network
-    and copies its weights in.
-    """
-
-    def __init__(self, feature_dim: int, hidden_dim: int, latent_dim: int) -> None:
-        super().__init__()
-        self.dims = (feature_dim, hidden_dim, latent_dim)
-        network = _vae_network(feature_dim, hidden_dim, latent_dim, FittedLinear)
-        self.encoder, self.decoder = network.encoder, network.decoder
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
-        self.register_buffer("score_mean", torch.zeros(()))
-        self.register_buffer("score_std", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    def trainable_twin(self) -> nn.Module:
-        """A freshly initialised network of the same shape with ordinary parameters, to fit."""
-        twin = _vae_network(*self.dims, nn.Linear)
-        return twin.to(self.feature_mean.device)
-
-    def load_twin(self, twin: nn.Module) -> None:
-        """Copy a fitted twin's weights into this VAE's buffers."""
-        with torch.no_grad():
-            for name in _VAE_LINEARS:
-                mine, theirs = self.get_submodule(name), twin.get_submodule(name)
-                mine.weight.copy_(theirs.weight)
-                mine.bias.copy_(theirs.bias)
-
-
-def negative_elbo(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Negative ELBO per feature dimension of standardised features, one reparameterised sample."""
-    mu, logvar = network.encoder(x).chunk(2, dim=-1)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-    reconstruction = F.mse_loss(network.decoder(z), x, reduction="none").mean(-1)
-    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
-    return (reconstruction + kl).mean()
-
-
-def stack_vaes(vaes: list[TaskVAE]) -> dict[str, torch.Tensor]:
-    """The weights and statistics of several VAEs stacked along a new leading task dimension (fp32)."""
-    stacked = {}
-    for name in _VAE_LINEARS:
-        linears = [vae.get_submodule(name) for vae in vaes]
-        stacked[f"{name}.weight"] = torch.stack([linear.weight.float() for linear in linears])
-        stacked[f"{name}.bias"] = torch.stack([linear.bias.float() for linear in linears])
-    for name in ("feature_mean", "feature_std", "score_mean", "score_std"):
-        stacked[name] = torch.stack([getattr(vae, name).float() for vae in vaes])
-    stacked["fitted"] = torch.stack([vae.fitted for vae in vaes])
-    return stacked
-
-
-def raw_scores(stacked: dict[str, torch.Tensor], features: torch.Tensor, kind: str) -> torch.Tensor:
-    """Uncalibrated scores ``[tasks, batch]`` (lower = more typical) of all stacked VAEs at once.
-
-    The latent is the posterior mean, so scores are deterministic.
-    """
-
-    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = stacked[f"{name}.weight"], stacked[f"{name}.bias"]
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    x = (features.unsqueeze(0) - stacked["feature_mean"].unsqueeze(1)) / stacked["feature_std"].unsqueeze(1)
-    mu, logvar = linear("encoder.2", F.silu(linear("encoder.0", x))).chunk(2, dim=-1)
-    reconstruction = linear("decoder.2", F.silu(linear("decoder.0", mu)))
-    score = (reconstruction - x).pow(2).mean(-1)
-    if kind == "elbo":
-        score = score - 0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1) / x.shape[-1]
-    return score
+# where each density kind keeps its per-task modules (also the names in the adapter's state dict)
+_MODULE_LISTS = {"gaussian": "gaussians", "vae": "vaes"}
 
 
 @dataclass
 class LocatorFit:
-    """What fitting one task's VAE did (for logs and the task's results)."""
+    """What fitting one task's density did (for logs and the task's results)."""
 
     task: str
+    density: str
     train_samples: int
     calibration_samples: int
-    final_loss: float
+    final_loss: float | None
     score_mean: float
     score_std: float
+    open_set_threshold: float
+
+
+@dataclass
+class Assessment:
+    """The locator's view of a batch: per-task scores, the nearest task, and the open-set decision.
+
+    ``scores [B, T]``: lower is more likely (total negative log-likelihood for Gaussians, z-scores
+    for VAEs; +inf for a task without a fitted density). ``novelty [B]``: how far the input lies
+    beyond the fence of the task that accepts it most easily, in interquartile ranges (the
+    open-set score: higher is more novel). ``unknown [B]``: ``novelty > fence``.
+    """
+
+    scores: torch.Tensor
+    nearest: torch.Tensor
+    novelty: torch.Tensor
+    unknown: torch.Tensor
+
+
+@dataclass
+class TaskLocation:
+    """`locate_tasks(..., return_scores=True)`: what the locator decided for each sample.
+
+    ``tasks``: the task each sample is routed through, ``None`` where the base model answers.
+    ``probabilities [B, T]``: ``p(task | input)`` among the learnt tasks. ``novelty [B]``: the
+    open-set score (see `Assessment`). ``unknown [B]``: outside every task's fence (also reported
+    under ``locator_open_set="nearest"``, which routes such inputs to their nearest task anyway).
+    """
+
+    tasks: list[str | None]
+    probabilities: torch.Tensor
+    novelty: torch.Tensor
+    unknown: torch.Tensor
 
 
 class TaskLocator(nn.Module):
-    """The VAEs of all tasks of one adapter, in task order."""
+    """The density models of all tasks of one adapter, in task order."""
 
-    def __init__(self) -> None:
+    def __init__(self, density: str = "gaussian") -> None:
         super().__init__()
-        self.vaes = nn.ModuleList()
+        if density not in _MODULE_LISTS:
+            raise ValueError(f"Unknown locator density {density!r}; choose one of {tuple(_MODULE_LISTS)}.")
+        self.density = density
+        setattr(self, _MODULE_LISTS[density], nn.ModuleList())
         self._stacked_cache: tuple[tuple, dict[str, torch.Tensor], list[bool]] | None = None
-        self._generation = 0  # bumped whenever a VAE is added, removed, fitted or loaded
+        self._generation = 0  # bumped whenever a density is added, removed, fitted or loaded
         self.register_load_state_dict_post_hook(lambda module, _: module._changed())
+
+    @property
+    def densities(self) -> nn.ModuleList:
+        return getattr(self, _MODULE_LISTS[self.density])
 
     def _changed(self) -> None:
         self._generation += 1
 
     def _cache_key(self) -> tuple:
-        """Changes with the VAEs, and with moving them (`.to()` makes new buffers)."""
-        ends = (self.vaes[0], self.vaes[-1]) if len(self.vaes) else ()
-        return (self._generation, *(id(vae.feature_mean) for vae in ends))
+        """Changes with the densities, and with moving them (`.to()` makes new buffers)."""
+        densities = self.densities
+        ends = (densities[0], densities[-1]) if len(densities) else ()
+        return (self._generation, *(id(d.feature_mean) for d in ends))
 
     def __len__(self) -> int:
-        return len(self.vaes)
+        return len(self.densities)
 
     def add_task(
-        self, feature_dim: int, hidden_dim: int, latent_dim: int, device: torch.device | None = None
+        self,
+        feature_dim: int,
+        *,
+        hidden_dim: int,
+        latent_dim: int,
+        rank: int,
+        device: torch.device | None = None,
     ) -> None:
-        """A (not yet fitted) VAE slot for the next task, on `device` (default: the other slots')."""
+        """A (not yet fitted) density for the next task, on `device` (default: the other tasks')."""
         reference = next(self.buffers(), None)
         if device is None and reference is not None:
             device = reference.device
-        self.vaes.append(TaskVAE(feature_dim, hidden_dim, latent_dim).to(device))
+        if self.density == "gaussian":
+            density: TaskDensity = TaskGaussian(feature_dim, rank)
+        else:
+            density = TaskVAE(feature_dim, hidden_dim, latent_dim)
+        self.densities.append(density.to(device))
         self._changed()
 
     def remove_last(self) -> None:
-        """Drop the newest task's VAE (rolls back a task)."""
-        self.vaes = nn.ModuleList(list(self.vaes)[:-1])
+        """Drop the newest task's density (rolls back a task)."""
+        setattr(self, _MODULE_LISTS[self.density], nn.ModuleList(list(self.densities)[:-1]))
         self._changed()
 
     @property
     def fitted(self) -> list[bool]:
-        """Which tasks have a fitted VAE (read from the device once per change, not per forward)."""
-        return list(self._derived()[1]) if len(self.vaes) else []
+        """Which tasks have a fitted density (read from the device once per change, not per forward)."""
+        return list(self._derived()[1]) if len(self) else []
 
     def fit(
         self,
@@ -191,14 +146,18 @@ class TaskLocator(nn.Module):
         batch_size: int,
         calibration_fraction: float,
         score_kind: str,
+        fence: float,
         seed: int = 0,
         progress: bool = False,
     ) -> LocatorFit:
-        """Fit the VAE of `task` on its features, then calibrate its scores on held-out ones."""
-        from tqdm.auto import tqdm
+        """Fit the density of `task` on its features, then calibrate it on held-out ones.
 
-        vae = self.vaes[task]
-        device = vae.feature_mean.device
+        Every random draw (the held-out split; a VAE's initial weights, batches and noise) comes
+        from a local generator seeded by `seed`: the global RNGs are never touched, and every
+        process fits the same locator.
+        """
+        density = self.densities[task]
+        device = density.feature_mean.device
         features = features.detach().to(device=device, dtype=torch.float32)
         if features.shape[0] < 4:
             raise ValueError(
@@ -208,72 +167,55 @@ class TaskLocator(nn.Module):
         order = torch.randperm(features.shape[0], generator=generator).to(device)
         held_out = max(2, round(features.shape[0] * calibration_fraction))
         calibration, train = features[order[:held_out]], features[order[held_out:]]
-
-        mean = train.mean(0)
-        std = train.std(0, unbiased=False).clamp_min(1e-4 + 1e-2 * train.std().item())
-        standardised = (train - mean) / std
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # initial weights and reparameterisation noise: same fit on every process
-        twin = vae.trainable_twin()
-        optimizer = torch.optim.Adam(twin.parameters(), lr=lr)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":  # tiny matrices: one thread is ~100x faster on a busy machine
-            torch.set_num_threads(1)
-        loss = torch.zeros(())
-        try:
-            for _ in tqdm(range(steps), desc=f"locator {task_name}", disable=not progress, leave=False):
-                index = torch.randint(train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
-                loss = negative_elbo(twin, standardised[index.to(device)])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        finally:
-            torch.set_num_threads(threads)
-            torch.random.set_rng_state(torch_state)
-
+        loss = None
+        if isinstance(density, TaskGaussian):
+            density.fit(train)
+        else:
+            loss = density.fit(
+                train, steps=steps, lr=lr, batch_size=batch_size, generator=generator, progress=progress
+            )
         with torch.no_grad():
-            vae.load_twin(twin)
-            vae.feature_mean.copy_(mean)
-            vae.feature_std.copy_(std)
-            scores = raw_scores(stack_vaes([vae]), calibration, score_kind)[0]
-            vae.score_mean.copy_(scores.mean())
-            vae.score_std.copy_(scores.std(unbiased=False).clamp_min(1e-6 + 1e-3 * scores.mean().abs()))
-            vae.fitted.fill_(True)
+            density.calibrate(raw_scores(stack([density]), calibration, score_kind)[0])
         self._changed()
         return LocatorFit(
             task=task_name,
+            density=self.density,
             train_samples=train.shape[0],
             calibration_samples=held_out,
-            final_loss=float(loss.detach()),
-            score_mean=float(vae.score_mean),
-            score_std=float(vae.score_std),
+            final_loss=loss,
+            score_mean=float(density.score_mean),
+            score_std=float(density.score_std),
+            open_set_threshold=float(density.score_upper + fence * density.score_spread),
         )
 
     def _derived(self) -> tuple[dict[str, torch.Tensor], list[bool]]:
-        """The stacked VAEs and their fitted flags, made (and read from the device) once per change."""
+        """The stacked densities and their fitted flags, made (and read from the device) once per change."""
         key = self._cache_key()
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             with torch.no_grad():
-                stacked = stack_vaes(list(self.vaes))
+                stacked = stack(list(self.densities))
             self._stacked_cache = (key, stacked, stacked["fitted"].tolist())
         return self._stacked_cache[1], self._stacked_cache[2]
 
-    def _stacked(self) -> dict[str, torch.Tensor]:
-        return self._derived()[0]
-
     @torch.no_grad()
-    def calibrated_scores(self, features: torch.Tensor, score_kind: str) -> torch.Tensor:
-        """z-normalised scores ``[batch, tasks]``; tasks without a fitted VAE score +inf."""
-        stacked = self._stacked()
+    def assess(self, features: torch.Tensor, score_kind: str, fence: float) -> Assessment:
+        """Score `features` ``[B, d]`` against every task at once (a few batched kernels, no host read)."""
+        stacked = self._derived()[0]
         features = features.to(device=stacked["feature_mean"].device, dtype=torch.float32)
-        scores = raw_scores(stacked, features, score_kind)
-        scores = (scores - stacked["score_mean"].unsqueeze(1)) / stacked["score_std"].unsqueeze(1)
-        scores = scores.masked_fill(~stacked["fitted"].unsqueeze(1), math.inf)
-        return scores.transpose(0, 1)
+        raw = raw_scores(stacked, features, score_kind)  # [T, B]
+        fitted = stacked["fitted"].unsqueeze(1)
+        if self.density == "gaussian":
+            scores = raw * features.shape[-1]  # total negative log-likelihood: Bayes' rule
+        else:
+            scores = (raw - stacked["score_mean"].unsqueeze(1)) / stacked["score_std"].unsqueeze(1)
+        scores = scores.masked_fill(~fitted, float("inf")).transpose(0, 1)
+        beyond = (raw - stacked["score_upper"].unsqueeze(1)) / stacked["score_spread"].unsqueeze(1)
+        novelty = beyond.masked_fill(~fitted, float("inf")).amin(0)
+        return Assessment(scores, scores.argmin(dim=-1), novelty, novelty > fence)
 
-    def probabilities(self, features: torch.Tensor, score_kind: str, temperature: float) -> torch.Tensor:
-        """``p(task | feature)`` as ``[batch, tasks]``: softmax of the negated calibrated scores."""
-        return torch.softmax(-self.calibrated_scores(features, score_kind) / temperature, dim=-1)
+    def probabilities(self, scores: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``p(task | feature)`` ``[B, T]`` from `assess`'s scores: softmax of their negation."""
+        return torch.softmax(-scores / temperature, dim=-1)
 
 
 class FeatureBuffer:

@@ -66,18 +66,24 @@ def forgetting(acc: AccuracyMatrix) -> float | None:
 
 
 def confusion_matrix(
-    true_tasks: Sequence[str], located_tasks: Sequence[str], tasks: Sequence[str]
+    true_tasks: Sequence[str], located_tasks: Sequence[str | None], tasks: Sequence[str]
 ) -> list[list[int]]:
-    """``counts[i][j]``: samples of task ``tasks[i]`` that the locator sent to ``tasks[j]``."""
+    """``counts[i][j]``: samples of task ``tasks[i]`` that the locator sent to ``tasks[j]``.
+
+    One more column than tasks: ``counts[i][-1]`` counts the samples it placed in none of the
+    learnt tasks (located as ``None``: the base model answered them).
+    """
     if len(true_tasks) != len(located_tasks):
         raise ValueError(f"{len(true_tasks)} true tasks but {len(located_tasks)} located ones.")
     index = {name: i for i, name in enumerate(tasks)}
-    counts = [[0] * len(tasks) for _ in tasks]
+    counts = [[0] * (len(tasks) + 1) for _ in tasks]
     for true, located in zip(true_tasks, located_tasks, strict=True):
         for name in (true, located):
-            if name not in index:
+            if name is not None and name not in index:
                 raise KeyError(f"Unknown task {name!r}; known tasks: {list(tasks)}.")
-        counts[index[true]][index[located]] += 1
+        if true is None:
+            raise ValueError("A sample's true task cannot be None.")
+        counts[index[true]][len(tasks) if located is None else index[located]] += 1
     return counts
 
 
@@ -85,3 +91,35 @@ def locator_accuracy(counts: Sequence[Sequence[int]]) -> float | None:
     """Share of samples located to their own task (the confusion matrix's trace over its total)."""
     total = sum(map(sum, counts))
     return sum(counts[i][i] for i in range(len(counts))) / total if total else None
+
+
+def open_set_rate(counts: Sequence[Sequence[int]]) -> float | None:
+    """Share of learnt tasks' samples the locator placed in none of them (the extra last column).
+
+    None for a square matrix (saved before the open set existed) or an empty one.
+    """
+    total = sum(map(sum, counts))
+    if not total or any(len(row) != len(counts) + 1 for row in counts):
+        return None
+    return sum(row[-1] for row in counts) / total
+
+
+def auroc(known: Sequence[float], unknown: Sequence[float]) -> float:
+    """Area under the ROC curve of a novelty score: P(unknown scores higher than known), ties half.
+
+    The threshold-free measure of an open-set decision: 1.0 separates every input of an unlearnt
+    task from every input of a learnt one, 0.5 is chance.
+    """
+    if not known or not unknown:
+        raise ValueError("AUROC needs at least one known and one unknown score.")
+    ranked = sorted([(float(v), 0) for v in known] + [(float(v), 1) for v in unknown])
+    rank_sum, position = 0.0, 0
+    while position < len(ranked):  # average ranks over ties
+        end = position
+        while end < len(ranked) and ranked[end][0] == ranked[position][0]:
+            end += 1
+        average = (position + 1 + end) / 2
+        rank_sum += average * sum(label for _, label in ranked[position:end])
+        position = end
+    n_unknown = len(unknown)
+    return (rank_sum - n_unknown * (n_unknown + 1) / 2) / (n_unknown * len(known))

@@ -33,8 +33,8 @@ from .architectures import candidate_summary, default_target_modules, linear_lay
 from .config import ContinualMoEConfig, validate_task_name
 from .experts import ContinualMoELayer
 from .features import PromptMasks, image_token_ids, pool_features
-from .locator import FeatureBuffer, LocatorFit, TaskLocator
-from .routing import RoutingState
+from .locator import Assessment, FeatureBuffer, LocatorFit, TaskLocation, TaskLocator
+from .routing import BASE_MODEL, RoutingState
 
 TaskSpec = str | Sequence[str] | None
 _LOCATE = object()  # resolve_task's answer when the locator must pick the task
@@ -85,7 +85,7 @@ class ContinualMoEModel(BaseTuner):
         super().inject_adapter(model, adapter_name, **kwargs)
         config = self.peft_config[adapter_name]
         device = next((p.device for p in model.parameters()), None)
-        self.cmoe_locator[adapter_name] = TaskLocator().to(device)
+        self.cmoe_locator[adapter_name] = TaskLocator(config.locator_density).to(device)
         if config.locator_feature_dim is not None:
             self._add_locator_slots(adapter_name, len(config.task_records))
 
@@ -96,8 +96,9 @@ class ContinualMoEModel(BaseTuner):
         for _ in range(count):
             self.cmoe_locator[adapter_name].add_task(
                 config.locator_feature_dim,
-                config.locator_hidden_dim,
-                config.locator_latent_dim,
+                hidden_dim=config.locator_hidden_dim,
+                latent_dim=config.locator_latent_dim,
+                rank=config.locator_rank,
                 device=device,
             )
 
@@ -382,16 +383,13 @@ class ContinualMoEModel(BaseTuner):
         if task is None and self._default_task is not None:
             task = self._default_task
         if task is None:
-            if len(self.tasks) <= 1:
-                return 0 if self.tasks else None
-            fitted = self._locator_fitted()
-            unfitted = [name for name, ok in zip(self.tasks, fitted, strict=True) if not ok]
-            if unfitted:
-                raise ValueError(
-                    f"{len(self.tasks)} tasks are registered and no task was given, but the task locator is "
-                    f"not fitted for {unfitted}: call model.fit_locator(task) after training each task "
-                    "(ContinualMoETrainer does), or pass task='<name>' (or one name per sample)."
-                )
+            if not self.tasks:
+                return None
+            if len(self.tasks) == 1 and not (
+                self._locator_fitted()[0] and self._config.locator_open_set != "nearest"
+            ):
+                return 0  # nothing to choose between, and no open-set decision to take
+            self._check_locator_fitted()
             return _LOCATE
         if isinstance(task, str):
             return self.task_index(task)
@@ -443,9 +441,27 @@ class ContinualMoEModel(BaseTuner):
             self._collect_into.add(features)
         if not locate:
             return None
+        return self._route_located(self._assess(features))
+
+    def _assess(self, features: torch.Tensor) -> Assessment:
         config = self._config
-        scores = self._locator.calibrated_scores(features, config.locator_score)
-        return scores.argmin(dim=-1)
+        return self._locator.assess(features, config.locator_score, config.locator_open_set_fence)
+
+    def _route_located(self, assessment: Assessment) -> torch.Tensor:
+        """Each sample's task index, or `BASE_MODEL` for inputs of no learnt task (``locator_open_set``)."""
+        policy = self._config.locator_open_set
+        if policy == "nearest":
+            return assessment.nearest
+        if policy == "error":
+            unknown = assessment.unknown.nonzero().flatten().tolist()  # one read, under this policy only
+            if unknown:
+                raise ValueError(
+                    f"Samples {unknown} of this batch belong to none of the learnt tasks {self.tasks} "
+                    "(they lie outside every task's open-set fence). Pass task='<name>' to route them "
+                    "anyway, or set locator_open_set='base' (base model) or 'nearest'."
+                )
+            return assessment.nearest
+        return assessment.nearest.masked_fill(assessment.unknown, BASE_MODEL)
 
     def _feature_from_layer_input(self, x: torch.Tensor, masks: PromptMasks, locate: bool) -> None:
         task = self._use_features(self._pool(x, masks), locate)
@@ -522,6 +538,15 @@ class ContinualMoEModel(BaseTuner):
         fitted = self._locator.fitted
         return fitted + [False] * (len(self.tasks) - len(fitted))
 
+    def _check_locator_fitted(self) -> None:
+        unfitted = [name for name, ok in zip(self.tasks, self._locator_fitted(), strict=True) if not ok]
+        if unfitted:
+            raise ValueError(
+                f"{len(self.tasks)} tasks are registered and no task was given, but the task locator is "
+                f"not fitted for {unfitted}: call model.fit_locator(task) after training each task "
+                "(ContinualMoETrainer does), or pass task='<name>' (or one name per sample)."
+            )
+
     @torch.no_grad()
     def locator_features(self, *args: Any, **batch: Any) -> torch.Tensor:
         """The locator's feature ``[batch, d]`` of model inputs, computed only as far as needed.
@@ -548,20 +573,43 @@ class ContinualMoEModel(BaseTuner):
 
     @torch.no_grad()
     def task_probabilities(self, *args: Any, **batch: Any) -> torch.Tensor:
-        """``p(task | input)`` as a ``[batch, tasks]`` tensor (columns in `model.tasks` order)."""
-        if len(self.tasks) <= 1:
-            size = self._batch_size(args, batch) or 1
-            return torch.ones(size, len(self.tasks))
-        self.resolve_task(None)  # raises if some task has no fitted locator
-        features = self.locator_features(*args, **batch)
-        config = self._config
-        return self._locator.probabilities(features, config.locator_score, config.locator_temperature)
+        """``p(task | input)`` as a ``[batch, tasks]`` tensor (columns in `model.tasks` order).
 
-    def locate_tasks(self, *args: Any, **batch: Any) -> list[str]:
-        """The most likely task of every sample, by name (no labels needed)."""
-        if len(self.tasks) == 1:
-            return self.tasks * (self._batch_size(args, batch) or 1)
-        return [self.tasks[i] for i in self.task_probabilities(*args, **batch).argmax(-1).tolist()]
+        The probabilities are relative to the learnt tasks; whether an input belongs to any of
+        them at all is `locate_tasks(..., return_scores=True).unknown`.
+        """
+        return self.locate_tasks(*args, return_scores=True, **batch).probabilities
+
+    @torch.no_grad()
+    def locate_tasks(
+        self, *args: Any, return_scores: bool = False, **batch: Any
+    ) -> list[str | None] | TaskLocation:
+        """Every sample's task by name (no labels needed), as the model routes it.
+
+        ``None`` marks an input of none of the learnt tasks, which the base model answers
+        (``locator_open_set="base"``, the default; with ``"error"`` it is what would raise).
+        With `return_scores`, a `TaskLocation` also holds the probabilities, each sample's novelty
+        score (higher = less like any learnt task) and the open-set decision.
+        """
+        if not self.tasks:
+            raise ValueError("No task is registered yet: call model.add_task(name) first.")
+        if self._locator_fitted() == [False]:  # one task, no locator yet: nothing to decide
+            size = self._batch_size(args, batch) or 1
+            tasks: list[str | None] = self.tasks * size
+            nothing = torch.full((size,), float("nan"))
+            location = TaskLocation(tasks, torch.ones(size, 1), nothing, torch.zeros(size, dtype=torch.bool))
+            return location if return_scores else tasks
+        self._check_locator_fitted()
+        assessment = self._assess(self.locator_features(*args, **batch))
+        unknown = assessment.unknown & torch.tensor(self._config.locator_open_set != "nearest")
+        names = [
+            None if off else self.tasks[i]
+            for i, off in zip(assessment.nearest.tolist(), unknown.tolist(), strict=True)
+        ]
+        if not return_scores:
+            return names
+        probabilities = self._locator.probabilities(assessment.scores, self._config.locator_temperature)
+        return TaskLocation(names, probabilities.cpu(), assessment.novelty.cpu(), assessment.unknown.cpu())
 
     @contextlib.contextmanager
     def collecting_locator_features(self, task: str | None = None) -> Iterator[FeatureBuffer]:
@@ -633,6 +681,7 @@ class ContinualMoEModel(BaseTuner):
             batch_size=config.locator_batch_size,
             calibration_fraction=config.locator_calibration_fraction,
             score_kind=config.locator_score,
+            fence=config.locator_open_set_fence,
             seed=index,
             progress=progress,
         )

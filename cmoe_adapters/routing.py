@@ -16,13 +16,16 @@ from torch import nn
 
 from .zero3 import full_shape
 
+BASE_MODEL = -1  # the task index of a sample the base model answers (adapters off): no learnt task
+
 
 @dataclass
 class RoutingState:
     """What every adapted layer needs to know about the current forward pass.
 
     ``task`` is either one task index for the whole batch, or a 1-D tensor with one index per
-    sample (different samples may belong to different tasks). It stays set after the forward so
+    sample (different samples may belong to different tasks); `BASE_MODEL` marks samples of no
+    learnt task, which get the base layer's output unchanged (``any_base`` says whether there are). It stays set after the forward so
     that gradient-checkpointing recomputation and generation decode steps route the same way.
 
     ``feature_hook``, when set, is called once per forward pass by the first adapted layer that
@@ -38,6 +41,8 @@ class RoutingState:
     feature_hook: Callable[[torch.Tensor], None] | None = None
     bypass: bool = False
     track_usage: bool = False
+
+    any_base: bool = False
 
     _per_sample: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -62,6 +67,9 @@ class RoutingState:
         if isinstance(task, torch.Tensor):
             low, high = torch.stack(torch.aminmax(task.reshape(-1))).tolist()
             task = int(low) if low == high else task
+            self.any_base = low == BASE_MODEL
+        else:
+            self.any_base = task == BASE_MODEL
         self.task = task
 
     def tasks_for(self, batch: int) -> torch.Tensor:

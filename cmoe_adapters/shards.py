@@ -76,7 +76,7 @@ _SHARD_FILE = re.compile(r"^cmoe_task-\d+-.+\.safetensors$")
 _EXPERT_BLOCK = re.compile(r"^(?P<layer>.+)\.cmoe_experts\.lora_(?P<ab>[AB])\.(?P<block>\d+)$")
 _EXPERT_ROWS = re.compile(r"^(?P<layer>.+)\.cmoe_experts\.lora_(?P<ab>[AB])\.by_task\.(?P<task>\d+)$")
 _ROUTER = re.compile(r"\.cmoe_routers\.(?P<kind>weight|task_logits|usage|expert_index)\.(?P<task>\d+)$")
-_LOCATOR = re.compile(r"(?:^|\.)cmoe_locator\.vaes\.(?P<task>\d+)\.")
+_LOCATOR = re.compile(r"(?:^|\.)cmoe_locator\.(?:vaes|gaussians)\.(?P<task>\d+)\.")
 _PEFT_PREFIX = "base_model.model."
 
 Tensors = dict[str, torch.Tensor]

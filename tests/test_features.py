@@ -36,13 +36,18 @@ def test_text_image_mean_pools_text_and_image_tokens_apart():
     torch.testing.assert_close(features[1], torch.cat([hidden[1, :3].mean(0), torch.zeros(2)]))
     torch.testing.assert_close(pool_features(hidden, masks, "mean")[0], hidden[0, 1:4].mean(0))
     torch.testing.assert_close(pool_features(hidden, masks, "last")[1], hidden[1, 2])
+    moments = pool_features(hidden, masks, "text_image_moments")
+    spread = hidden[0, 1:3].std(0, unbiased=False)  # the image tokens' spread, per dimension
+    torch.testing.assert_close(moments[0], torch.cat([features[0], spread]))
+    torch.testing.assert_close(moments[1], torch.cat([features[1], torch.zeros(2)]))
 
 
 def test_text_only_models_get_the_plain_mean():
     hidden = torch.randn(2, 4, 3)
     masks = PromptMasks.from_inputs({"input_ids": torch.ones(2, 4, dtype=torch.long)}, ())
     assert masks.image is None
-    torch.testing.assert_close(pool_features(hidden, masks, "text_image_mean"), hidden.mean(1))
+    for pooling in ("text_image_mean", "text_image_moments"):
+        torch.testing.assert_close(pool_features(hidden, masks, pooling), hidden.mean(1))
 
 
 def test_unknown_pooling_is_refused():
@@ -59,10 +64,11 @@ def test_vlm_feature_changes_only_its_image_half_when_only_the_image_changes():
     batch = dict(vlm.batch)
     features = model.locator_features(**batch)
     d = vlm.model.config.text_config.hidden_size
-    assert features.shape == (2, 2 * d)
+    assert features.shape == (2, 3 * d)  # text mean, image mean, image spread
     batch["pixel_values"] = batch["pixel_values"] + 1.0
     with torch.no_grad():
         changed = model.locator_features(**batch)
-    # the first adapted layer's input is normalised per token, so the text half stays put exactly
+    # the first adapted layer's input is normalised per token, so the text part stays put exactly
     torch.testing.assert_close(changed[:, :d], features[:, :d])
-    assert not torch.allclose(changed[:, d:], features[:, d:])
+    assert not torch.allclose(changed[:, d : 2 * d], features[:, d : 2 * d])
+    assert not torch.allclose(changed[:, 2 * d :], features[:, 2 * d :])

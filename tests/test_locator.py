@@ -9,7 +9,8 @@ from peft import PeftModel, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig
 from cmoe_adapters._compat import enable_activation_checkpointing
-from cmoe_adapters.locator import TaskLocator, raw_scores, stack_vaes
+from cmoe_adapters.densities import raw_scores, stack
+from cmoe_adapters.locator import TaskLocator
 
 # Each synthetic task speaks its own slice of the vocabulary, as VQA tasks differ in wording.
 VOCAB = {"low": (3, 30), "mid": (33, 60), "high": (63, 90)}
@@ -144,12 +145,14 @@ def test_save_and_load_keep_vaes_and_calibration(model, tmp_path):
         trainable(input_ids=ids)
 
 
-def test_locator_weights_are_fitted_buffers_not_parameters(model):
-    """Sharding (ZeRO-3) and optimizers must never see the locator: it is fitted by its own loop."""
+def test_locator_state_is_fitted_buffers_not_parameters(model):
+    """Sharding (ZeRO-3) and optimizers must never see the locator: it is fitted by its own solve."""
     assert not any("cmoe_locator" in name for name, _ in model.named_parameters())
-    weights = [b for name, b in model.named_buffers() if "cmoe_locator" in name and name.endswith(".weight")]
-    assert len(weights) == 3 * 4, "4 linear layers per task's VAE"
-    assert all(float(w.abs().sum()) > 0 for w in weights), "fitted, not left at zero"
+    components = [
+        b for name, b in model.named_buffers() if "cmoe_locator" in name and name.endswith(".components")
+    ]
+    assert len(components) == 3, "one Gaussian per task"
+    assert all(float(c.abs().sum()) > 0 for c in components), "fitted, not left at zero"
 
 
 def test_one_task_needs_no_locator(input_ids):
@@ -190,27 +193,38 @@ def test_paper_feature_costs_one_extra_forward_and_also_locates():
     torch.testing.assert_close(model.locator_features(input_ids=ids), hidden)
 
 
-def test_stacked_scoring_equals_scoring_each_vae_alone():
-    locator = TaskLocator()
+@pytest.mark.parametrize("density", ["gaussian", "vae"])
+def test_stacked_scoring_equals_scoring_each_density_alone(density):
+    locator = TaskLocator(density)
     for _ in range(3):
-        locator.add_task(6, 8, 2)
-    features = torch.randn(40, 6)
+        locator.add_task(6, hidden_dim=8, latent_dim=2, rank=3)
+    features = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
     for index in range(3):
         locator.fit(
             index,
             f"t{index}",
-            features + index,
+            features * (1 + index) + index,
             steps=20,
             lr=1e-2,
             batch_size=16,
             calibration_fraction=0.25,
             score_kind="elbo",
+            fence=3.0,
         )
     probe = torch.randn(5, 6)
-    together = raw_scores(stack_vaes(list(locator.vaes)), probe, "elbo")
-    for index, vae in enumerate(locator.vaes):
-        torch.testing.assert_close(together[index], raw_scores(stack_vaes([vae]), probe, "elbo")[0])
-    calibrated = locator.calibrated_scores(probe, "elbo")
-    vae = locator.vaes[1]
-    expected = (together[1] - vae.score_mean) / vae.score_std
-    torch.testing.assert_close(calibrated[:, 1], expected)
+    together = raw_scores(stack(list(locator.densities)), probe, "elbo")
+    for index, density_model in enumerate(locator.densities):
+        torch.testing.assert_close(together[index], raw_scores(stack([density_model]), probe, "elbo")[0])
+    assessment = locator.assess(probe, "elbo", fence=3.0)
+    one = locator.densities[1]
+    if density == "vae":  # VAE scores are compared z-normalised
+        expected = (together[1] - one.score_mean) / one.score_std
+    else:  # Gaussians by total negative log-likelihood
+        expected = together[1] * 6
+    torch.testing.assert_close(assessment.scores[:, 1], expected)
+    novelty = (
+        (together - torch.stack([d.score_upper for d in locator.densities])[:, None])
+        / torch.stack([d.score_spread for d in locator.densities])[:, None]
+    ).amin(0)
+    torch.testing.assert_close(assessment.novelty, novelty)
+    assert torch.equal(assessment.unknown, novelty > 3.0)

@@ -22,6 +22,8 @@ the words that describe them, and tying puts the captioning head in that same sp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -76,9 +78,13 @@ def chat_prompt(question: str) -> str:
     return f"user : {IMAGE} {question} assistant :"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: lower-cased words and punctuation, `<s>` prepended, left padding."""
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
+def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: lower-cased words and punctuation, `<s>` prepended, left padding.
+
+    `extra_words` (appended after the demo's, in order) let other streams use their own answers.
+    """
+    words = (*WORDS, *(w for w in dict.fromkeys(extra_words) if w not in WORDS))
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "shape?" -> "shape", "?"
@@ -98,7 +104,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(extra_words: Sequence[str] = ()) -> LlavaProcessor:
     """`LlavaProcessor` = CLIP-style 64x64 image processor + word-level tokenizer + chat template."""
     clip_pil = pil_image_processor_class("CLIPImageProcessor")  # torchvision is not a dependency
     image_processor = clip_pil(
@@ -108,7 +114,7 @@ def build_processor() -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(extra_words),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
@@ -151,9 +157,14 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     )
 
 
-def build_tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA (seeded, without touching the global RNG) and its processor."""
-    processor = build_processor()
+def build_tiny_llava(
+    seed: int = 0, extra_words: Sequence[str] = ()
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA (seeded, without touching the global RNG) and its processor.
+
+    `extra_words` extend the vocabulary (see `build_tokenizer`).
+    """
+    processor = build_processor(extra_words)
     tokenizer = processor.tokenizer
     config = build_config(tokenizer)
     with torch.random.fork_rng(devices=[]):  # the model is built on the CPU
