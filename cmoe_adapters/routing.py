@@ -25,8 +25,9 @@ class RoutingState:
 
     ``task`` is either one task index for the whole batch, or a 1-D tensor with one index per
     sample (different samples may belong to different tasks); `BASE_MODEL` marks samples of no
-    learnt task, which get the base layer's output unchanged (``any_base`` says whether there are). It stays set after the forward so
-    that gradient-checkpointing recomputation and generation decode steps route the same way.
+    learnt task, which get the base layer's output unchanged (``any_base`` says whether there are).
+    It stays set after the forward so that gradient-checkpointing recomputation and generation
+    decode steps route the same way.
 
     ``feature_hook``, when set, is called once per forward pass by the first adapted layer that
     runs, with that layer's input: the task locator's feature is taken there, and the hook may set

@@ -217,10 +217,8 @@ def test_stacked_scoring_equals_scoring_each_density_alone(density):
         torch.testing.assert_close(together[index], raw_scores(stack([density_model]), probe, "elbo")[0])
     assessment = locator.assess(probe, "elbo", fence=3.0)
     one = locator.densities[1]
-    if density == "vae":  # VAE scores are compared z-normalised
-        expected = (together[1] - one.score_mean) / one.score_std
-    else:  # Gaussians by total negative log-likelihood
-        expected = together[1] * 6
+    # VAE scores are compared z-normalised, Gaussians by total negative log-likelihood
+    expected = (together[1] - one.score_mean) / one.score_std if density == "vae" else together[1] * 6
     torch.testing.assert_close(assessment.scores[:, 1], expected)
     novelty = (
         (together - torch.stack([d.score_upper for d in locator.densities])[:, None])
