@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ContinualMoEConfig
@@ -176,28 +178,88 @@ def _batches(records: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(records[start : start + size])
 
 
-def _locate(
-    model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int, probabilities: bool
-) -> tuple[list[str], list[list[float]]]:
-    """The located task of every record (and ``p(task | record)`` rows with `probabilities`)."""
+@dataclass
+class Located:
+    """What the locator decided for a list of records (`locate_tasks(..., return_scores=True)`).
+
+    ``tasks``: each record's task, ``None`` for none of the learnt tasks (the base model answers
+    it under ``locator_open_set="base"``); ``probabilities``: ``p(task | record)`` rows;
+    ``novelty``: the open-set score (higher = less like any learnt task; None without a fitted
+    locator); ``unknown``: outside every task's fence (also under ``"nearest"``, which still routes).
+    """
+
+    tasks: list[str | None] = field(default_factory=list)
+    probabilities: list[list[float]] = field(default_factory=list)
+    novelty: list[float | None] = field(default_factory=list)
+    unknown: list[bool] = field(default_factory=list)
+
+
+def _locate(model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int) -> Located:
+    """The locator's decision for every record, with its scores."""
     import torch
 
     device = next(model.parameters()).device
-    tasks: list[str] = []
-    rows: list[list[float]] = []
+    located = Located()
     with torch.no_grad():
         for batch in _batches(records, batch_size):
             inputs = {
                 k: v.to(device) if isinstance(v, torch.Tensor) else v
                 for k, v in collator.generation_inputs(batch).items()
             }
-            if probabilities:
-                p = model.task_probabilities(**inputs).float().cpu()
-                rows += p.tolist()
-                tasks += [model.tasks[i] for i in p.argmax(-1).tolist()]
-            else:
-                tasks += model.locate_tasks(**inputs)
-    return tasks, rows
+            location = model.locate_tasks(**inputs, return_scores=True)
+            located.tasks += location.tasks
+            located.probabilities += location.probabilities.float().tolist()
+            located.novelty += [None if math.isnan(v) else v for v in location.novelty.float().tolist()]
+            located.unknown += [bool(v) for v in location.unknown.tolist()]
+    return located
+
+
+def _none_label(config: Any) -> str:
+    """How the summaries name the "none of the learnt tasks" column."""
+    return "none (base model)" if getattr(config, "locator_open_set", "base") == "base" else "none"
+
+
+def _confusion_rows(
+    truth: Sequence[str], located: Sequence[str | None], known: Sequence[str]
+) -> dict[str, list[int]]:
+    """Counts per true task (in the order they come) over the columns ``known`` + none."""
+    column = {name: i for i, name in enumerate(known)}
+    rows: dict[str, list[int]] = {}
+    for true, where in zip(truth, located, strict=True):
+        row = rows.setdefault(true, [0] * (len(known) + 1))
+        row[len(known) if where is None else column[where]] += 1
+    return rows
+
+
+def _confusion_table(rows: dict[str, list[int]], known: Sequence[str], none: str) -> list[str]:
+    """The locator's confusion as text, in % of each true task's records.
+
+    ``correct``: located to its own task, or for a task the adapter has not learnt (marked ``*``)
+    located in none of them.
+    """
+    labels = {name: name if name in known else f"{name}*" for name in rows}
+    width = max(len("true task"), len("all"), *map(len, labels.values()))
+    widths = [max(7, len(name)) for name in (*known, none)]
+    header = f"{'true task':<{width}}  records  " + "  ".join(
+        f"{name:>{w}}" for name, w in zip((*known, none), widths, strict=True)
+    )
+    lines = [header + "  correct"]
+    total_row, total_correct = [0] * (len(known) + 1), 0
+    for name, row in rows.items():
+        correct = row[known.index(name)] if name in known else row[-1]
+        total_row = [a + b for a, b in zip(total_row, row, strict=True)]
+        total_correct += correct
+        lines.append(_confusion_line(labels[name], width, row, widths, correct))
+    lines.append(_confusion_line("all", width, total_row, widths, total_correct))
+    if any(name not in known for name in rows):
+        lines.append(f"* not learnt by the adapter: correct = located in {none}")
+    return lines
+
+
+def _confusion_line(label: str, width: int, row: Sequence[int], widths: Sequence[int], correct: int) -> str:
+    total = sum(row)
+    shares = "  ".join(f"{_percent(n / total if total else None):>{w}}" for n, w in zip(row, widths, strict=True))
+    return f"{label:<{width}}  {total:>7}  {shares}  {_percent(correct / total if total else None):>7}"
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -328,7 +390,7 @@ def _percent(value: float | None) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import exact_match_accuracy
-    from .metrics import confusion_matrix, locator_accuracy
+    from .metrics import confusion_matrix, locator_accuracy, open_set_rate
 
     config = load_run_config(args.config, "eval")
     data = _task_data(config, "eval")
@@ -368,7 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     accuracy: dict[str, float] = {}
     oracle_accuracy: dict[str, float] = {}
     truth: list[str] = []
-    located: list[str] = []
+    located: list[str | None] = []
     for name in evaluated:
         records = data[name]["eval"]
 
@@ -380,13 +442,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             oracle_accuracy[name] = exact_match_accuracy(
                 model, records, collator, decoded, task=name, **generation
             )
-        tasks, _ = _locate(model, collator, records, config.eval_batch_size, probabilities=False)
+        tasks = _locate(model, collator, records, config.eval_batch_size).tasks
         truth += [name] * len(tasks)
         located += tasks
-    confusion = confusion_matrix(truth, located, known)
+    confusion = confusion_matrix(truth, located, known)  # the last column: located in none
     per_task_locator = {
         name: confusion[known.index(name)][known.index(name)] / max(1, sum(confusion[known.index(name)]))
         for name in evaluated
+    }
+    per_task_none = {
+        name: confusion[known.index(name)][-1] / max(1, sum(confusion[known.index(name)])) for name in evaluated
     }
     average = sum(accuracy.values()) / len(accuracy)
     report = {
@@ -400,23 +465,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "oracle_average": sum(oracle_accuracy.values()) / len(oracle_accuracy) if oracle else None,
         "locator_accuracy": locator_accuracy(confusion),
         "locator_accuracy_per_task": [per_task_locator[name] for name in evaluated],
-        "locator_confusion": {"tasks": known, "counts": confusion},
+        "open_set_rate": open_set_rate(confusion),
+        "open_set_rate_per_task": [per_task_none[name] for name in evaluated],
+        "locator_confusion": {"tasks": known, "columns": [*known, None], "counts": confusion},
         "skipped": skipped,
     }
 
     width = max(len("average"), *map(len, evaluated))
-    header = f"{'task':<{width}}  located" + ("   oracle" if oracle else "") + "  locator"
+    header = f"{'task':<{width}}  located" + ("   oracle" if oracle else "") + "  locator     none"
     lines = [header]
     for name in evaluated:
         cells = f"{_percent(accuracy[name]):>7}" + (
             f"  {_percent(oracle_accuracy[name]):>7}" if oracle else ""
         )
-        lines.append(f"{name:<{width}}  {cells}  {_percent(per_task_locator[name]):>7}")
+        locator = f"{_percent(per_task_locator[name]):>7}  {_percent(per_task_none[name]):>7}"
+        lines.append(f"{name:<{width}}  {cells}  {locator}")
     cells = f"{_percent(average):>7}" + (f"  {_percent(report['oracle_average']):>7}" if oracle else "")
-    lines.append(f"{'average':<{width}}  {cells}  {_percent(report['locator_accuracy']):>7}")
+    locator = f"{_percent(report['locator_accuracy']):>7}  {_percent(report['open_set_rate']):>7}"
+    lines.append(f"{'average':<{width}}  {cells}  {locator}")
     print(f"accuracy in % on {len(truth)} records, tasks located by the adapter ({args.adapter}):")
     print("\n".join(lines))
     print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
+    print(
+        f"open-set rate: {_percent(report['open_set_rate'])}% "
+        f"(records located in none of the learnt tasks: {_none_label(model.peft_config[model.active_adapter])})"
+    )
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     if args.output:

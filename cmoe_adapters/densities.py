@@ -18,7 +18,9 @@ tasks at once from weights stacked along a leading task dimension.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,14 +143,15 @@ class TaskVAE(TaskDensity):
 
         standardised = self.set_standardisation(train)
         device = standardised.device
-        twin = _vae_network(*self.dims, nn.Linear)
-        with torch.no_grad():  # the initial weights come from `generator`, not the global RNG
+        # built on the meta device and initialised from `generator` (nn.Linear's own uniform bounds),
+        # so that fitting never draws from, nor depends on, the global RNG
+        twin = _vae_network(*self.dims, functools.partial(nn.Linear, device="meta")).to_empty(device=device)
+        with torch.no_grad():
             for name in _VAE_LINEARS:
                 linear = twin.get_submodule(name)
                 bound = 1 / math.sqrt(linear.in_features)
-                linear.weight.copy_(torch.rand(linear.weight.shape, generator=generator) * 2 * bound - bound)
-                linear.bias.copy_(torch.rand(linear.bias.shape, generator=generator) * 2 * bound - bound)
-        twin = twin.to(device)
+                for tensor in (linear.weight, linear.bias):
+                    tensor.copy_((torch.rand(tensor.shape, generator=generator) * 2 - 1) * bound)
         optimizer = torch.optim.Adam(twin.parameters(), lr=lr)
         threads = torch.get_num_threads()
         if device.type == "cpu":  # tiny matrices: one thread is ~100x faster on a busy machine
@@ -172,7 +175,9 @@ class TaskVAE(TaskDensity):
         return float(loss.detach())
 
 
-def _vae_network(feature_dim: int, hidden_dim: int, latent_dim: int, linear: type[nn.Module]) -> nn.Module:
+def _vae_network(
+    feature_dim: int, hidden_dim: int, latent_dim: int, linear: Callable[..., nn.Module]
+) -> nn.Module:
     """Encoder ``d -> h -> 2z`` and decoder ``z -> h -> d`` built from `linear` layers."""
     network = nn.Module()
     network.encoder = nn.Sequential(

@@ -34,7 +34,17 @@ _METHOD_FIELDS = (
     "momentum_merge",
     "freeze_old_experts",
     "locator_feature_source",
+    "locator_pooling",
+    "locator_density",
+    "locator_open_set",
+    "locator_open_set_fence",
 )
+_OPEN_SET_WORDS = {  # what `none` in the locator's table means under each `locator_open_set`
+    "base": "the base model answers such a sample itself, its adapters off.",
+    "nearest": "with `locator_open_set='nearest'` this adapter never does: such a sample still goes "
+    "to its nearest task.",
+    "error": "with `locator_open_set='error'` this adapter refuses such a sample with an error.",
+}
 
 
 @dataclass
@@ -145,6 +155,10 @@ def write_pending(output_dir: str, tasks: list[str]) -> None:
         os.remove(path)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def model_card(config: Any, result: ContinualResult | None, repo_id: str | None, task: str | None) -> str:
     """The README.md of a pushed state: Hub metadata, tasks, accuracy matrix, config, how to load."""
     base = getattr(config, "base_model_name_or_path", None)
@@ -184,7 +198,24 @@ def model_card(config: Any, result: ContinualResult | None, repo_id: str | None,
             "Scores in %; rows: after training a task, columns: evaluated on a task, with tasks located",
             "by the model (no task label given).",
             "",
-            result.markdown(),
+            result.accuracy_markdown(),
+        ]
+    locator = result.locator_markdown() if result is not None else ""
+    if locator:
+        policy = getattr(config, "locator_open_set", "base")
+        rate = result.open_set_rate
+        rate_words = "not recorded (saved before the open set)" if rate is None else f"{_percent(rate)}%"
+        lines += [
+            "## Task locator",
+            "",
+            f"Locator accuracy {_percent(result.locator_accuracy)}%, open-set rate {rate_words}. "
+            "The locator picks each sample's task from the sample alone; *none* means it placed the "
+            "sample in none of the learnt tasks: "
+            + _OPEN_SET_WORDS.get(policy, f"`locator_open_set={policy!r}`.")
+            + " The open-set rate is the share of the learnt tasks' own eval samples placed in none "
+            "(ideally 0).",
+            "",
+            locator,
         ]
     lines += ["## Configuration", "", "| field | value |", "|---|---|"]
     for field_name in (*_CONFIG_FIELDS, *_METHOD_FIELDS):

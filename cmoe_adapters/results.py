@@ -19,6 +19,10 @@ RESULTS_MARKDOWN = "results.md"
 RESULTS_PNG = "results.png"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def write_atomically(path: str, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half of it."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -60,6 +64,24 @@ class ContinualResult:
         return metrics.locator_accuracy(self.locator_confusion) if self.locator_confusion else None
 
     @property
+    def open_set_rate(self) -> float | None:
+        """Share of the learnt tasks' eval samples located in none of them (the base model answered).
+
+        None without a locator, or for a confusion matrix saved before the open set (square).
+        """
+        return metrics.open_set_rate(self.locator_confusion) if self.locator_confusion else None
+
+    @property
+    def locator_accuracy_per_task(self) -> dict[str, float | None]:
+        """Each task's share of eval samples located to itself (None: no locator or no samples)."""
+        counts = self.locator_confusion or []
+        shares: dict[str, float | None] = {}
+        for i, name in enumerate(self.tasks):
+            row = counts[i] if i < len(counts) else []
+            shares[name] = row[i] / sum(row) if sum(row) else None
+        return shares
+
+    @property
     def oracle_final_average(self) -> float | None:
         if not self.oracle_accuracy_matrix:
             return None
@@ -72,11 +94,16 @@ class ContinualResult:
             "bwt": self.bwt,
             "forgetting": self.forgetting,
             "locator_accuracy": self.locator_accuracy,
+            "open_set_rate": self.open_set_rate,
             "oracle_final_average": self.oracle_final_average,
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
+        return {
+            **asdict(self),
+            "summary": self.summary(),
+            "locator_accuracy_per_task": self.locator_accuracy_per_task if self.locator_confusion else None,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContinualResult:
@@ -92,19 +119,55 @@ class ContinualResult:
             return cls.from_dict(json.load(handle))
 
     def markdown(self) -> str:
+        """``results.md``: the accuracy matrix, the summary and the task locator's table."""
+        locator = self.locator_markdown()
+        return self.accuracy_markdown() + ("\n" + locator if locator else "")
+
+    def accuracy_markdown(self) -> str:
         """The accuracy matrix and the summary as Markdown tables."""
-
-        def cell(value: float | None) -> str:
-            return "-" if value is None else f"{100 * value:.1f}"
-
         lines = ["| after \\ on | " + " | ".join(self.tasks) + " |", "|---" * (len(self.tasks) + 1) + "|"]
         for name, row in zip(self.tasks, self.accuracy_matrix, strict=True):
-            cells = [cell(row[j]) if j < len(row) else "" for j in range(len(self.tasks))]
+            cells = [_percent(row[j]) if j < len(row) else "" for j in range(len(self.tasks))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "| metric | value |", "|---|---|"]
         for key, value in self.summary().items():
             if value is not None:
                 lines.append(f"| {key} | {100 * value:.1f} |")
+        return "\n".join(lines) + "\n"
+
+    def locator_markdown(self) -> str:
+        """The locator's confusion after the last task, in % of each task's eval samples; "" without one.
+
+        One row per task: the share located to each task, then to none of them (the base model
+        answered those), then the task's locator accuracy; an ``all`` row over every sample, whose
+        ``none`` cell is the open-set rate. A matrix saved before the open set has ``-`` there.
+        """
+        counts = self.locator_confusion
+        if not counts or not sum(map(sum, counts)):
+            return ""
+        tasks = self.tasks[: len(counts)]
+        counts = counts[: len(tasks)]
+        square = self.open_set_rate is None
+        header = ["task \\ located to", *tasks, "none (base model)", "locator accuracy", "samples"]
+        lines = [
+            "Task locator after the last task: the share (%) of each task's eval samples located to each "
+            'task; "none" = located in none of the learnt tasks, so answered by the base model.',
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---" + "|---:" * (len(header) - 1) + "|",
+        ]
+
+        def row_cells(row: list[int], correct: int) -> list[str]:
+            total = sum(row)
+            shares = [_percent(n / total) if total else "-" for n in row[: len(tasks)]]
+            none = "-" if square or not total else _percent(row[-1] / total)
+            return [*shares, none, _percent(correct / total) if total else "-", str(total)]
+
+        for i, (name, row) in enumerate(zip(tasks, counts, strict=True)):
+            lines.append(f"| {name} | " + " | ".join(row_cells(list(row), row[i])) + " |")
+        column_sums = [sum(column) for column in zip(*counts, strict=True)]
+        correct = sum(row[i] for i, row in enumerate(counts))
+        lines.append("| all | " + " | ".join(row_cells(column_sums, correct)) + " |")
         return "\n".join(lines) + "\n"
 
     def save(self, output_dir: str) -> None:

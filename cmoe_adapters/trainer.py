@@ -365,6 +365,9 @@ class ContinualMoETrainer(Trainer):
         self._save_task(task.name)
         metrics = {f"continual/acc/{name}": value for name, value in zip(result.tasks, row, strict=False)}
         metrics.update({f"continual/{k}": v for k, v in result.summary().items() if v is not None})
+        if confusion is not None:
+            per_task = result.locator_accuracy_per_task
+            metrics.update({f"continual/locator_accuracy/{name}": share for name, share in per_task.items()})
         self.log({k: v for k, v in metrics.items() if v is not None})
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -388,11 +391,11 @@ class ContinualMoETrainer(Trainer):
     def _decode(self, tokens: torch.Tensor) -> list[str]:
         return self.processing_class.batch_decode(tokens, skip_special_tokens=True)
 
-    def _located(self, task: Task) -> list[str]:
-        """The locator's task for every sample of the task's eval set."""
+    def _located(self, task: Task) -> list[str | None]:
+        """The locator's task for every sample of the task's eval set (None: none of the learnt ones)."""
         cmoe = self.continual_model
         dataset, size = task.eval_dataset, self._eval_batch_size()
-        located: list[str] = []
+        located: list[str | None] = []
         for start in range(0, len(dataset), size):
             records = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
             inputs = self._prepare_inputs(self.data_collator(records))
@@ -401,7 +404,11 @@ class ContinualMoETrainer(Trainer):
 
     @torch.no_grad()
     def _evaluate_seen(self) -> tuple[list[float | None], list[float | None] | None, list[list[int]] | None]:
-        """Score every seen task (task located; and true task with ``eval_oracle``)."""
+        """Score every seen task (task located; and true task with ``eval_oracle``).
+
+        The locator's confusion has a row per seen task and a column per seen task plus a last one
+        for the samples it located in none of them (the base model answered those).
+        """
         cmoe = self.continual_model
         oracle = getattr(self.args, "eval_oracle", False) and cmoe is not None
         was_training = self.model.training
@@ -409,7 +416,7 @@ class ContinualMoETrainer(Trainer):
         row: list[float | None] = []
         oracle_row: list[float | None] | None = [] if oracle else None
         truth: list[str] = []
-        predicted: list[str] = []
+        predicted: list[str | None] = []
         try:
             for task in self._seen.values():
                 if task.eval_dataset is None:
