@@ -398,10 +398,12 @@ class ContinualMoEConfig(PeftConfig):
 
     @classmethod
     def llava_cmoe(cls, **overrides: Any) -> ContinualMoEConfig:
-        """LLaVA-CMoE: probe-guided expansion, a router per task, frozen old experts, VAE locator.
+        """LLaVA-CMoE: probe-guided expansion, a router per task, frozen old experts, a task locator.
 
         The paper does not give its expert counts; these defaults add 2 experts of rank 8 per
-        expanded layer with top-2 routing. Every field can be overridden.
+        expanded layer with top-2 routing. The locator is the library's default (a Gaussian per
+        task, which locates image-only differences the paper's VAE misses, see docs/benchmarks.md);
+        ``locator_density="vae"`` gives the paper's. Every field can be overridden.
         """
         settings: dict[str, Any] = {
             "r": 8,
