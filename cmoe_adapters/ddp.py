@@ -3,13 +3,13 @@
 DDP broadcasts every buffer of the module it wraps from rank 0 before each forward pass
 (``broadcast_buffers=True``: its default, which transformers' Trainer keeps unless
 ``ddp_broadcast_buffers=False``, and that would also stop the base model's own buffers). The continual-MoE
-adapter keeps per-task state in buffers on purpose: the task locators' VAEs (`locator.FittedLinear`,
-`locator.TaskVAE`; buffers so that ZeRO-3 never partitions them) and the routers' per-task
+adapter keeps per-task state in buffers on purpose: the task locators' densities (`densities.TaskGaussian`,
+`densities.TaskVAE`; buffers so that ZeRO-3 never partitions them) and the routers' per-task
 statistics (`routing.TaskRouters`: usage shares, candidate experts). None of it changes during
 training, and it is already identical on every rank -- locators are fitted on every rank from all
 ranks' gathered features with the same seed, usage is all-reduced -- so the broadcast only costs
-time, and its size grows with the number of tasks (megabytes per task at hidden size 4096: each VAE
-holds two ``hidden x locator_hidden_dim`` matrices).
+time, and its size grows with the number of tasks (megabytes per task at hidden size 4096: each
+Gaussian holds a ``3 * hidden x locator_rank`` matrix).
 
 DDP has no public switch for single buffers. It reads the private attribute
 ``_ddp_params_and_buffers_to_ignore`` (fully qualified names) on the module it wraps, when it is

@@ -3,7 +3,8 @@
 Kept apart from the tuner because the choice of tokens is what decides whether the locator works:
 on a base whose image tokens carry most of the variance (a pretrained VLM), a plain mean over the
 prompt is dominated by the image and blurs tasks that differ in their question; pooling text and
-image tokens separately keeps both signals (``"text_image_mean"``, the default).
+image tokens separately keeps both signals, and the image tokens' spread adds texture to their
+average colour (``"text_image_moments"``, the default).
 """
 
 from __future__ import annotations

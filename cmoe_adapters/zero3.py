@@ -7,7 +7,7 @@ experts for the next task, CL-MoE's momentum merge, saving), so those steps gath
 parameters first. Every process runs them identically; a rewrite is broadcast from rank 0 and
 re-partitioned on exit. Without ZeRO-3 (or without DeepSpeed) all of this is a no-op.
 
-The task locator is unaffected: its weights are buffers (see `locator.FittedLinear`), which
+The task locator is unaffected: its state is buffers (see `densities`), which
 ZeRO-3 never partitions.
 """
 
