@@ -95,3 +95,27 @@ def test_deepspeed_configs_follow_the_training_arguments(name):
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert config[key] == "auto", f"{name}: {key} must be 'auto' so that it follows TrainingArguments"
     assert config["bf16"]["enabled"] == "auto"
+
+
+def test_open_set_example_locates_by_image_and_leaves_unknown_inputs_to_the_base_model():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        os.path.join(EXAMPLES_DIR, "locate_open_set.py"),
+        "--train",
+        "300",
+        "--test",
+        "40",
+    ]
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = finished.stdout.splitlines()
+    for row in (
+        "| digits | 100% | 0% | 0% | 0% |",
+        "| patches | 0% | 100% | 0% | 0% |",
+        "| stripes | 0% | 0% | 100% | 0% |",
+    ):
+        assert row in lines, finished.stdout
+    assert "| unknown: patches_other_question | 0% | 0% | 0% | 100% |" in lines
+    assert "open-set AUROC, patches_other_question: 1.000" in lines
+    assert lines[-1].endswith("the unknown input's tokens equal the base model's: True")
