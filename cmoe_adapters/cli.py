@@ -179,7 +179,7 @@ def _batches(records: Sequence[Any], size: int) -> Iterator[list[Any]]:
 
 
 @dataclass
-class Located:
+class _Located:
     """What the locator decided for a list of records (`locate_tasks(..., return_scores=True)`).
 
     ``tasks``: each record's task, ``None`` for none of the learnt tasks (the base model answers
@@ -194,12 +194,14 @@ class Located:
     unknown: list[bool] = field(default_factory=list)
 
 
-def _locate(model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int) -> Located:
+def _locate(
+    model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int
+) -> _Located:
     """The locator's decision for every record, with its scores."""
     import torch
 
     device = next(model.parameters()).device
-    located = Located()
+    located = _Located()
     with torch.no_grad():
         for batch in _batches(records, batch_size):
             inputs = {
@@ -217,6 +219,14 @@ def _locate(model: Any, collator: VisionLanguageCollator, records: Sequence[Any]
 def _none_label(config: Any) -> str:
     """How the summaries name the "none of the learnt tasks" column."""
     return "none (base model)" if getattr(config, "locator_open_set", "base") == "base" else "none"
+
+
+def _open_set_words(config: Any) -> str:
+    """What the open-set rate counts, after the number."""
+    base = getattr(config, "locator_open_set", "base") == "base"
+    return " of the learnt tasks' records located in none of them" + (
+        " (the base model answers those)" if base else ""
+    )
 
 
 def _confusion_rows(
@@ -258,8 +268,12 @@ def _confusion_table(rows: dict[str, list[int]], known: Sequence[str], none: str
 
 def _confusion_line(label: str, width: int, row: Sequence[int], widths: Sequence[int], correct: int) -> str:
     total = sum(row)
-    shares = "  ".join(f"{_percent(n / total if total else None):>{w}}" for n, w in zip(row, widths, strict=True))
-    return f"{label:<{width}}  {total:>7}  {shares}  {_percent(correct / total if total else None):>7}"
+
+    def share(n: int) -> str:
+        return _percent(n / total if total else None)
+
+    shares = "  ".join(f"{share(n):>{w}}" for n, w in zip(row, widths, strict=True))
+    return f"{label:<{width}}  {total:>7}  {shares}  {share(correct):>7}"
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -311,7 +325,17 @@ def _plan(config: RunConfig, data: dict[str, dict[str, Any]], finished: Sequence
                 "dual_router",
                 "momentum_merge",
                 "freeze_old_experts",
+            )
+        ),
+        "locator   "
+        + ", ".join(
+            f"{name}={getattr(adapter, name)}"
+            for name in (
                 "locator_feature_source",
+                "locator_pooling",
+                "locator_density",
+                "locator_open_set",
+                "locator_open_set_fence",
             )
         ),
         "training  " + ", ".join(f"{k}={v}" for k, v in config.training.items()),
@@ -394,7 +418,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, "eval")
     data = _task_data(config, "eval")
-    trained_on = adapter_config(args.adapter, args.revision, args.token).base_model_name_or_path
+    saved = adapter_config(args.adapter, args.revision, args.token)
+    trained_on = saved.base_model_name_or_path
     if trained_on and trained_on != config.model:
         print(
             f"note: the adapter was trained on {trained_on}, the run file names {config.model}",
@@ -451,7 +476,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name in evaluated
     }
     per_task_none = {
-        name: confusion[known.index(name)][-1] / max(1, sum(confusion[known.index(name)])) for name in evaluated
+        name: confusion[known.index(name)][-1] / max(1, sum(confusion[known.index(name)]))
+        for name in evaluated
     }
     average = sum(accuracy.values()) / len(accuracy)
     report = {
@@ -486,10 +512,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"accuracy in % on {len(truth)} records, tasks located by the adapter ({args.adapter}):")
     print("\n".join(lines))
     print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
-    print(
-        f"open-set rate: {_percent(report['open_set_rate'])}% "
-        f"(records located in none of the learnt tasks: {_none_label(model.peft_config[model.active_adapter])})"
-    )
+    print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     if args.output:
@@ -504,9 +527,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
+    from .metrics import confusion_matrix, locator_accuracy, open_set_rate
+
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise CommandError(f"--image-root: directory not found: {args.image_root}")
-    records, _ = load_records(args.data, args.format, args.image_root, evaluation=False)
+    true_tasks = args.task or []
+    if true_tasks and len(true_tasks) != len(args.data):
+        raise CommandError(
+            f"{len(args.data)} --data but {len(true_tasks)} --task: give one --task (the true task of "
+            "its records) per --data, in the same order, or none."
+        )
+    records: list[dict[str, Any]] = []
+    sources: list[int] = []  # which --data each record came from
+    for number, path in enumerate(args.data):
+        loaded, _ = load_records(path, args.format, args.image_root, evaluation=False)
+        records += loaded
+        sources += [number] * len(loaded)
     saved = adapter_config(args.adapter, args.revision, args.token)
     model_name = args.model or saved.base_model_name_or_path
     if not model_name:
@@ -514,25 +550,78 @@ def cmd_locate(args: argparse.Namespace) -> int:
     base, processor = load_base_model(model_name, args.model_class, args.dtype, token=args.token)
     model = _load_adapter(base, args.adapter, args.revision, args.token)
     model.to(_device(args.device)).eval()
-    collator = VisionLanguageCollator(processor)
-    tasks, rows = _locate(model, collator, records, args.batch_size, probabilities=args.probabilities)
-    if args.summary:
-        counts = Counter(tasks)
-        print(f"{len(tasks)} records of {args.data}, located by {args.adapter}:")
-        for name in model.tasks:
-            print(f"  {name}: {counts.get(name, 0)} ({_percent(counts.get(name, 0) / len(tasks))}%)")
-        return EXIT_OK
-    for index, (record, task) in enumerate(zip(records, tasks, strict=True)):
-        line: dict[str, Any] = {"index": index}
-        for key in ("id", "question_id"):
-            if key in record:
-                line[key] = record[key]
-        line["task"] = task
-        if args.probabilities:
-            line["probabilities"] = {
-                name: round(p, 6) for name, p in zip(model.tasks, rows[index], strict=True)
+    known = list(model.tasks)
+    located = _locate(model, VisionLanguageCollator(processor), records, args.batch_size)
+    tasks, none = located.tasks, _none_label(saved)
+    truth = [true_tasks[number] for number in sources] if true_tasks else None
+
+    counts = Counter(tasks)
+    report: dict[str, Any] = {
+        "adapter": args.adapter,
+        "revision": args.revision,
+        "data": args.data,
+        "records": len(tasks),
+        "tasks": known,
+        "located": {name: counts.get(name, 0) for name in known},
+        "none": counts.get(None, 0),
+        "unknown": sum(located.unknown),
+    }
+    if truth is not None:
+        learnt = [(true, where) for true, where in zip(truth, tasks, strict=True) if true in known]
+        confusion = confusion_matrix([t for t, _ in learnt], [w for _, w in learnt], known)
+        rows = _confusion_rows(truth, tasks, known)
+        report.update(
+            {
+                "true_tasks": true_tasks,
+                "locator_accuracy": locator_accuracy(confusion),
+                "locator_accuracy_per_task": {
+                    name: row[known.index(name)] / sum(row) for name, row in rows.items() if name in known
+                },
+                "open_set_rate": open_set_rate(confusion),
+                "locator_confusion": {"tasks": known, "columns": [*known, None], "counts": confusion},
+                "not_learnt": {
+                    name: {"records": sum(row), "located_none": row[-1] / sum(row)}
+                    for name, row in rows.items()
+                    if name not in known
+                },
             }
-        print(json.dumps(line))
+        )
+
+    if args.summary:
+        where = ", ".join(args.data)
+        print(f"{len(tasks)} records of {where}, located by {args.adapter}:")
+        for name, count in [*report["located"].items(), (none, report["none"])]:
+            print(f"  {name}: {count} ({_percent(count / len(tasks))}%)")
+        if report["unknown"] != report["none"]:  # locator_open_set="nearest" routes them anyway
+            print(f"  outside every task's fence (routed to their nearest task): {report['unknown']}")
+        if truth is not None:
+            print("locator confusion in % of each true task's records (columns: located to):")
+            print("\n".join(_confusion_table(rows, known, none)))
+            print(f"locator accuracy: {_percent(report['locator_accuracy'])}% (records of learnt tasks)")
+            print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
+    else:
+        for index, record in enumerate(records):
+            line: dict[str, Any] = {"index": index}
+            for key in ("id", "question_id"):
+                if key in record:
+                    line[key] = record[key]
+            if len(args.data) > 1:
+                line["data"] = args.data[sources[index]]
+            if truth is not None:
+                line["true_task"] = truth[index]
+            line["task"] = tasks[index]  # null: none of the learnt tasks
+            line["unknown"] = located.unknown[index]
+            line["novelty"] = None if located.novelty[index] is None else round(located.novelty[index], 4)
+            if args.probabilities:
+                line["probabilities"] = {
+                    name: round(p, 6) for name, p in zip(known, located.probabilities[index], strict=True)
+                }
+            print(json.dumps(line))
+    if args.output:
+        from .results import write_atomically
+
+        write_atomically(args.output, json.dumps(report, indent=2))
+        print(f"wrote {args.output}", file=sys.stderr if not args.summary else sys.stdout)
     return EXIT_OK
 
 
@@ -648,12 +737,29 @@ def build_parser() -> argparse.ArgumentParser:
     locate = commands.add_parser("locate", help="which task the adapter's locator picks for each record")
     locate.add_argument("--adapter", required=True, help="adapter directory or Hub repo id")
     locate.add_argument("--model", help="base model (default: the one named in the adapter's config)")
-    locate.add_argument("--data", required=True, help="LLaVA or CoIN data file (.json or .jsonl)")
+    locate.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="LLaVA or CoIN data file (.json or .jsonl); repeat it for several files",
+    )
+    locate.add_argument(
+        "--task",
+        action="append",
+        help="the true task of the records of the --data at the same place (repeat it as --data): "
+        "adds the locator's confusion, accuracy and open-set rate; a task the adapter has not learnt "
+        "counts as correctly located in none",
+    )
     locate.add_argument("--image-root", help="directory of relative image paths (default: the data file's)")
     locate.add_argument("--format", default="auto", choices=("auto", "llava", "coin"))
     locate.add_argument("--revision", help="Hub revision of the adapter")
     locate.add_argument("--probabilities", action="store_true", help="add p(task | record) to every line")
-    locate.add_argument("--summary", action="store_true", help="print counts per task instead of JSON lines")
+    locate.add_argument(
+        "--summary",
+        action="store_true",
+        help="print counts per task (and 'none') instead of JSON lines; with --task also the confusion",
+    )
+    locate.add_argument("--output", metavar="FILE.json", help="write the counts (and confusion) as JSON")
     locate.add_argument("--batch-size", type=int, default=8)
     locate.add_argument("--model-class", default="auto")
     locate.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))

@@ -464,6 +464,7 @@ def side_by_side(results: dict[str, ContinualResult]) -> str:
         ("BWT", lambda r: _percent(r.bwt, signed=True)),
         ("forgetting", lambda r: _percent(r.forgetting)),
         ("locator accuracy", lambda r: _percent(r.locator_accuracy)),
+        ("open-set rate (located in none)", lambda r: _percent(r.open_set_rate)),
     )
     for label, value in summary:
         lines.append(f"| {label} | " + " | ".join(value(results[n]) for n in names) + " |")

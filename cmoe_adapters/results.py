@@ -151,7 +151,8 @@ class ContinualResult:
         header = ["task \\ located to", *tasks, "none (base model)", "locator accuracy", "samples"]
         lines = [
             "Task locator after the last task: the share (%) of each task's eval samples located to each "
-            'task; "none" = located in none of the learnt tasks, so answered by the base model.',
+            'task; "none" = located in none of the learnt tasks, so answered by the base model'
+            + (' ("-": not recorded, saved before the open set).' if square else "."),
             "",
             "| " + " | ".join(header) + " |",
             "|---" + "|---:" * (len(header) - 1) + "|",

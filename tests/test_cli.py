@@ -257,6 +257,11 @@ def test_dry_run_prints_the_plan_and_loads_nothing(run_dir, tmp_path, capsys, mo
     assert "1. color" in printed.out and "train 8 llava records" in printed.out
     assert "eval 4 llava records" in printed.out  # shape's test file, auto-detected
     assert "no model was loaded" in printed.out
+    assert (
+        "locator   locator_feature_source=first_layer_input, locator_pooling=text_image_moments"
+        in printed.out
+    )
+    assert "locator_open_set=base, locator_open_set_fence=10.0" in printed.out
     if "bf16" in printed.err:  # a machine without bf16: a warning in a dry run, an error for real
         assert cli.main(["train", str(path)]) == 2
         assert "bf16" in capsys.readouterr().err
@@ -299,6 +304,9 @@ def test_train_saves_every_task_and_refuses_to_overwrite_them(trained, capsys):
     assert results["tasks"] == ["color", "shape"]
     assert [len(row) for row in results["accuracy_matrix"]] == [1, 2]
     assert results["summary"]["locator_accuracy"] is not None
+    assert [len(row) for row in results["locator_confusion"]] == [3, 3]  # color, shape, none
+    assert results["summary"]["open_set_rate"] is not None
+    assert "| task \\ located to | color | shape | none (base model) |" in (out / "results.md").read_text()
 
     capsys.readouterr()
     assert cli.main(["train", str(trained / "run.yaml")]) == 2
@@ -324,9 +332,15 @@ def test_eval_scores_every_task_the_adapter_knows(trained, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["tasks"] == ["color", "shape"] and report["oracle_accuracy"] is None
     assert sum(map(sum, report["locator_confusion"]["counts"])) == 8
+    assert report["locator_confusion"]["columns"] == ["color", "shape", None]  # None: in no task
+    none = [row[-1] for row in report["locator_confusion"]["counts"]]
+    assert report["open_set_rate"] == sum(none) / 8 and report["open_set_rate_per_task"] == [
+        n / 4 for n in none
+    ]
     assert report["accuracy"] == pytest.approx(matrix[1])  # the trainer's scores, from the saved adapter
-    assert printed.splitlines()[1].split() == ["task", "located", "locator"]
+    assert printed.splitlines()[1].split() == ["task", "located", "locator", "none"]
     assert "locator accuracy:" in printed
+    assert f"open-set rate: {100 * report['open_set_rate']:.1f}% of the learnt tasks' records" in printed
 
 
 def test_locate_prints_json_lines_or_a_summary(trained, capsys):
@@ -337,12 +351,88 @@ def test_locate_prints_json_lines_or_a_summary(trained, capsys):
     assert [line["index"] for line in lines] == [0, 1, 2, 3] and lines[0]["id"] == "q0"
     for line in lines:
         assert set(line["probabilities"]) == {"color", "shape"}
-        assert line["task"] == max(line["probabilities"], key=line["probabilities"].get)
+        nearest = max(line["probabilities"], key=line["probabilities"].get)
+        assert line["task"] == (None if line["unknown"] else nearest)
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert isinstance(line["novelty"], float)
     model = str(trained / "tiny_llava")
     assert cli.main(["locate", "--adapter", adapter, "--model", model, "--data", data, "--summary"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"4 records of {data}") and "  color: " in printed and "  shape: " in printed
+    assert "  none (base model): " in printed, "the none count shows without true tasks too"
+    assert "locator confusion" not in printed  # no --task: nothing to compare against
+
+
+def foreign_questions(trained):
+    """Records of a question no task was trained on (the same images): no learnt task should take them."""
+    path = trained / "data" / "describe_test.json"
+    images = [f"images/{color}_circle.png" for color in COLORS]
+    question = "describe the image in detail please"
+    path.write_text(
+        json.dumps(
+            [
+                {"question_id": i, "image": image, "text": question, "answer": "a shape"}
+                for i, image in enumerate(images)
+            ]
+        )
+    )
+    return str(path)
+
+
+def test_locate_puts_records_of_no_learnt_task_in_the_none_column(trained, tmp_path, capsys):
+    adapter = str(trained / "out" / "shape")
+    color, shape = str(trained / "data" / "color_test.json"), str(trained / "data" / "shape_test.json")
+    foreign = foreign_questions(trained)
+    files = ["--data", color, "--data", foreign, "--data", shape]  # one batch holds all three kinds
+
+    assert cli.main(["locate", "--adapter", adapter, *files]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["data"] for line in lines] == [color] * 4 + [foreign] * 4 + [shape] * 4
+    assert [line["task"] for line in lines] == ["color"] * 4 + [None] * 4 + ["shape"] * 4
+    assert [line["unknown"] for line in lines] == [False] * 4 + [True] * 4 + [False] * 4
+    known = [line["novelty"] for line in lines if line["task"] is not None]
+    assert min(line["novelty"] for line in lines[4:8]) > max(known), "unknown = the most novel"
+
+    report_path = tmp_path / "located.json"
+    tasks = ["--task", "color", "--task", "describe", "--task", "shape"]
+    argv = ["locate", "--adapter", adapter, *files, *tasks, "--summary", "--output", str(report_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "  none (base model): 4 (33.3%)" in printed
+    table = printed[
+        printed.index("locator confusion in % of each true task's records (columns: located to):") + 1 :
+    ]
+    assert table[0].split() == [
+        "true",
+        "task",
+        "records",
+        "color",
+        "shape",
+        "none",
+        "(base",
+        "model)",
+        "correct",
+    ]
+    assert table[1].split() == ["color", "4", "100.0", "0.0", "0.0", "100.0"]
+    assert table[2].split() == ["describe*", "4", "0.0", "0.0", "100.0", "100.0"]  # not learnt: none is right
+    assert table[3].split() == ["shape", "4", "0.0", "100.0", "0.0", "100.0"]
+    assert table[4].split() == ["all", "12", "33.3", "33.3", "33.3", "100.0"]
+    assert "locator accuracy: 100.0% (records of learnt tasks)" in printed
+    assert any(line.startswith("open-set rate: 0.0% of the learnt tasks' records") for line in printed)
+    report = json.loads(report_path.read_text())
+    assert report["located"] == {"color": 4, "shape": 4} and report["none"] == report["unknown"] == 4
+    assert report["locator_confusion"] == {
+        "tasks": ["color", "shape"],
+        "columns": ["color", "shape", None],
+        "counts": [[4, 0, 0], [0, 4, 0]],
+    }
+    assert report["locator_accuracy_per_task"] == {"color": 1.0, "shape": 1.0}
+    assert report["open_set_rate"] == 0.0 and report["not_learnt"] == {
+        "describe": {"records": 4, "located_none": 1.0}
+    }
+
+    assert cli.main(["locate", "--adapter", adapter, *files, "--task", "color"]) == 2
+    assert "3 --data but 1 --task" in capsys.readouterr().err
 
 
 def test_push_tags_every_task_and_retries_pending_ones(trained, hub_server, capsys):

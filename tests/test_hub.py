@@ -12,7 +12,8 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
 from synthetic_stream import TASKS, moe_model, records, stream, trainer_for
 
-from cmoe_adapters.hub import PENDING_FILE, read_pending
+from cmoe_adapters import ContinualMoEConfig, ContinualResult
+from cmoe_adapters.hub import PENDING_FILE, model_card, read_pending
 
 pytest_plugins = ["hub_server"]
 REPO = "tester/continual"
@@ -67,6 +68,8 @@ def test_every_task_is_pushed_and_pulled_back_by_revision(tmp_path, hub_server):
     card = repo.files("mid")["README.md"].decode()
     assert card.startswith("---\nlibrary_name: peft\n") and "- continual-learning" in card
     assert "`low` → `mid`" in card and "| after \\ on | low | mid |" in card and 'revision="mid"' in card
+    assert "## Task locator" in card and "| task \\ located to | low | mid | none (base model) |" in card
+    assert "open-set rate" in card and "| `locator_open_set` | `base` |" in card
 
 
 def test_a_failed_push_keeps_the_local_save_and_is_retried(tmp_path, hub_server):
@@ -185,3 +188,47 @@ def test_pushing_an_older_state_over_a_newer_one_drops_the_newer_shards(tmp_path
     ]
     pulled = PeftModel.from_pretrained(tiny_llama(), REPO, revision="mid", token=hub_server.token)
     assert pulled.tasks == ["low", "mid"]
+
+
+def card_config(**overrides) -> ContinualMoEConfig:
+    config = ContinualMoEConfig(r=4, **overrides)
+    config.task_records = [{"name": "color"}, {"name": "shape"}]
+    config.base_model_name_or_path = "tiny/llava"
+    return config
+
+
+def test_the_model_card_reports_the_locator_per_task_and_its_open_set_rate():
+    result = ContinualResult(
+        tasks=["color", "shape"],
+        accuracy_matrix=[[0.9], [0.8, 0.7]],
+        locator_confusion=[[9, 0, 1], [1, 7, 2]],
+    )
+    card = model_card(card_config(locator_density="gaussian"), result, "me/run", "shape")
+    assert "## Task locator" in card
+    assert "Locator accuracy 80.0%, open-set rate 15.0%." in card
+    assert "*none* means it placed the sample in none of the learnt tasks" in card
+    assert "the base model answers such a sample itself" in card
+    assert (
+        "| color | 90.0 | 0.0 | 10.0 | 90.0 | 10 |" in card
+        and "| shape | 10.0 | 70.0 | 20.0 | 70.0 | 10 |" in card
+    )
+    for field_name, value in (
+        ("locator_feature_source", "first_layer_input"),
+        ("locator_pooling", "text_image_moments"),
+        ("locator_density", "gaussian"),
+        ("locator_open_set", "base"),
+        ("locator_open_set_fence", "10.0"),
+    ):
+        assert f"| `{field_name}` | `{value}` |" in card
+    assert card.index("## Accuracy") < card.index("## Task locator") < card.index("## Configuration")
+
+    nearest = model_card(card_config(locator_open_set="nearest"), result, "me/run", "shape")
+    assert "with `locator_open_set='nearest'` this adapter never does" in nearest
+    old = ContinualResult(
+        tasks=["color", "shape"], accuracy_matrix=[[0.9], [0.8, 0.7]], locator_confusion=[[9, 1], [2, 8]]
+    )
+    assert "open-set rate not recorded (saved before the open set)" in model_card(
+        card_config(), old, None, None
+    )
+    no_locator = ContinualResult(tasks=["color"], accuracy_matrix=[[0.9]])
+    assert "## Task locator" not in model_card(card_config(), no_locator, None, None)

@@ -54,6 +54,12 @@ def test_each_task_is_saved_and_loads_back(moe_run):
     assert saved["summary"]["bwt"] == pytest.approx(result.bwt)
     assert ContinualResult.load(str(output_dir)).accuracy_matrix == result.accuracy_matrix
     assert "| after \\ on | low | mid | high |" in (output_dir / "results.md").read_text()
+    confusion = result.locator_confusion
+    assert [len(row) for row in confusion] == [4, 4, 4], "a none column after the three tasks"
+    rate = sum(row[-1] for row in confusion) / sum(map(sum, confusion))
+    assert saved["summary"]["open_set_rate"] == result.open_set_rate == pytest.approx(rate)
+    table = "| task \\ located to | low | mid | high | none (base model) |"
+    assert table in (output_dir / "results.md").read_text()
     assert len(result.task_logs) == 3 and result.task_logs[0]["locator"]["task"] == "low"
 
     after_mid = PeftModel.from_pretrained(tiny_llama(), output_dir / "mid")
@@ -62,6 +68,27 @@ def test_each_task_is_saved_and_loads_back(moe_run):
     final = PeftModel.from_pretrained(tiny_llama(), output_dir / "high")
     ids = torch.tensor([r["prompt"] for r in records("mid", 4, 7)])
     assert torch.equal(final(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_samples_located_in_no_task_are_counted_in_the_none_column(moe_run, monkeypatch):
+    trainer, result, _ = moe_run
+    cmoe = trainer.continual_model
+    locate = cmoe.locate_tasks
+
+    def mid_unknown(**inputs):  # the locator places every sample of "mid" in none of the tasks
+        return [None if name == "mid" else name for name in locate(**inputs)]
+
+    monkeypatch.setattr(cmoe, "locate_tasks", mid_unknown)
+    _, _, confusion = trainer._evaluate_seen()
+    before = result.locator_confusion  # the same evaluation with the real locator
+    assert confusion == [[low, 0, high, mid + none] for low, mid, high, none in before]
+    report = ContinualResult(result.tasks, result.accuracy_matrix, locator_confusion=confusion)
+    assert report.locator_accuracy_per_task["mid"] == 0.0
+    assert report.open_set_rate == pytest.approx(
+        sum(row[1] + row[3] for row in before) / sum(map(sum, before))
+    )
+    mid_row = next(line for line in report.locator_markdown().splitlines() if line.startswith("| mid |"))
+    assert mid_row.split(" | ")[2] == "0.0" and mid_row.split(" | ")[5] == "0.0"  # to mid; its accuracy
 
 
 def test_tasks_can_arrive_one_at_a_time(tmp_path):
