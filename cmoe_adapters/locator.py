@@ -76,6 +76,10 @@ class TaskLocation:
     unknown: torch.Tensor
 
 
+def _after_load(module: TaskLocator, incompatible_keys: object) -> None:
+    module._changed()
+
+
 class TaskLocator(nn.Module):
     """The density models of all tasks of one adapter, in task order."""
 
@@ -87,7 +91,7 @@ class TaskLocator(nn.Module):
         setattr(self, _MODULE_LISTS[density], nn.ModuleList())
         self._stacked_cache: tuple[tuple, dict[str, torch.Tensor], list[bool]] | None = None
         self._generation = 0  # bumped whenever a density is added, removed, fitted or loaded
-        self.register_load_state_dict_post_hook(lambda module, _: module._changed())
+        self.register_load_state_dict_post_hook(_after_load)  # a function, not a lambda: pickles
 
     @property
     def densities(self) -> nn.ModuleList:

@@ -57,6 +57,21 @@ class _FeatureReady(Exception):
         self.features = features
 
 
+class GenerateWithTask:
+    """The HF model's ``generate`` with a ``task=`` keyword, set on the model instance.
+
+    transformers' ``generate`` refuses keywords its model does not know, so ``task=`` must be taken
+    out before it runs. This is an object holding its tuner, not a closure: `copy.deepcopy` (TRL's
+    reference model) rebinds the copy's to the copied tuner, and `pickle` can store it.
+    """
+
+    def __init__(self, tuner: ContinualMoEModel) -> None:
+        self.tuner = tuner
+
+    def __call__(self, *args: Any, task: TaskSpec = None, **kwargs: Any) -> Any:
+        return self.tuner._generate(args, kwargs, task)
+
+
 class ContinualMoEModel(BaseTuner):
     """Injects `ContinualMoELayer`s and keeps the ordered list of tasks (in the adapter's config)."""
 
@@ -515,18 +530,14 @@ class ContinualMoEModel(BaseTuner):
         self._begin_forward(args, kwargs, task)
         return args, kwargs
 
-    def _task_aware_generate(self, generate: Any) -> Any:
-        @functools.wraps(generate)
-        def generate_with_task(*args: Any, task: TaskSpec = None, **kwargs: Any) -> Any:
-            self.resolve_task(task, self._batch_size(args, kwargs))  # fail before generating
-            self._pending_generate_task, self._generating = task, True
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self._pending_generate_task, self._generating = _NO_PENDING, False
-
-        generate_with_task.__cmoe_wrapped__ = generate
-        return generate_with_task
+    def _generate(self, args: tuple, kwargs: dict, task: TaskSpec) -> Any:
+        """The HF model's own ``generate``, with one routing decision taken at its prefill forward."""
+        self.resolve_task(task, self._batch_size(args, kwargs))  # fail before generating
+        self._pending_generate_task, self._generating = task, True
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            self._pending_generate_task, self._generating = _NO_PENDING, False
 
     # -- task locator -----------------------------------------------------------------------------
 
@@ -692,8 +703,8 @@ class ContinualMoEModel(BaseTuner):
         if getattr(model, "_cmoe_forward_hook", None) is not None:
             return
         model._cmoe_forward_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        if callable(getattr(model, "generate", None)):
-            model.generate = self._task_aware_generate(model.generate)
+        if callable(getattr(type(model), "generate", None)):
+            model.generate = GenerateWithTask(self)
 
     @staticmethod
     def _remove_task_keyword(model: nn.Module) -> None:

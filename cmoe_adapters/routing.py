@@ -106,6 +106,10 @@ class BufferList(nn.Module):
         return self._buffers.pop(str(len(self) - 1))
 
 
+def _after_load(module: TaskRouters, incompatible_keys: object) -> None:
+    module.invalidate()
+
+
 class TaskRouters(nn.Module):
     """The routers of one adapted layer, one linear map (no bias) per task, in task order.
 
@@ -131,7 +135,7 @@ class TaskRouters(nn.Module):
         self._has_gate: dict[int, tuple[int, bool]] = {}  # task -> (usage version, any usage)
         self._table: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self._generation = 0  # bumped whenever a router, a candidate set or a task gate may change
-        self.register_load_state_dict_post_hook(lambda module, _: module.invalidate())
+        self.register_load_state_dict_post_hook(_after_load)  # a function, not a lambda: pickles
 
     def __len__(self) -> int:
         return len(self.usage)
