@@ -612,10 +612,10 @@ class ContinualMoEModel(BaseTuner):
             return location if return_scores else tasks
         self._check_locator_fitted()
         assessment = self._assess(self.locator_features(*args, **batch))
-        unknown = assessment.unknown & torch.tensor(self._config.locator_open_set != "nearest")
+        refused = self._config.locator_open_set != "nearest"  # "nearest" routes unknown inputs anyway
         names = [
-            None if off else self.tasks[i]
-            for i, off in zip(assessment.nearest.tolist(), unknown.tolist(), strict=True)
+            None if refused and unknown else self.tasks[i]
+            for i, unknown in zip(assessment.nearest.tolist(), assessment.unknown.tolist(), strict=True)
         ]
         if not return_scores:
             return names
