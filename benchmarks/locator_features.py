@@ -20,6 +20,7 @@ from cmoe_adapters.data import VisionLanguageCollator
 from cmoe_adapters.easyvqa import TASK_ORDER, build_tiny_llava, load_task, shipped_base
 
 CHOICES = [
+    ("first_layer_input", "text_image_moments"),
     ("first_layer_input", "text_image_mean"),
     ("first_layer_input", "mean"),
     ("first_layer_input", "last"),
@@ -34,7 +35,12 @@ def accuracy(
 ) -> tuple[dict[str, float], float]:
     collator = VisionLanguageCollator(processor)
     config = ContinualMoEConfig(
-        r=4, num_experts=2, top_k=1, locator_feature_source=source, locator_pooling=pooling, locator_steps=600
+        r=4,
+        num_experts=2,
+        top_k=1,
+        locator_feature_source=source,
+        locator_pooling=pooling,
+        locator_open_set="nearest",  # closed-set accuracy: the open set is measured in locator_open_set.py
     )
     model = get_peft_model(base, config)
     for task in TASK_ORDER:

@@ -18,7 +18,7 @@ thread, in one run:
 3. **One decode step of generate** with 20 tasks registered and every locator fitted, the task
    located against ``task="t19"`` given (and LoRA for reference): the time of
    ``generate(max_new_tokens=N + 1)`` minus ``generate(max_new_tokens=1)``, divided by N, and the
-   prefill (``max_new_tokens=1``, where locating happens). t19's VAE is fitted on the features of
+   prefill (``max_new_tokens=1``, where locating happens). t19's locator is fitted on the features of
    other random prompts, t0..t18's on random features far from them, so located and given route
    through the same task and differ only by locating.
 
@@ -271,7 +271,7 @@ def prompt_inputs(batch: int, seq: int, vocab: int, seed: int) -> dict[str, torc
 def located_model(shape: Shape, vocab: int, tasks: int, prompt: int) -> PeftModel:
     """The default mixture with `tasks` tasks and fitted locators; prompts like ours locate the last.
 
-    The newest task's VAE is fitted on the features of 64 other random prompts, every earlier
+    The newest task's locator is fitted on the features of 64 other random prompts, every earlier
     task's on random features far from them, so that locating picks the same task as given.
     """
     model = moe_model(shape, vocab, "default", locator_steps=50)
@@ -330,6 +330,8 @@ def run_decode(args: argparse.Namespace) -> None:
     ]
     with torch.no_grad():
         located_tasks = moe.locate_tasks(**inputs)
+        if set(located_tasks) != {last}:  # else "located" would time another route (or the base model)
+            raise RuntimeError(f"The benchmark's prompts were located to {set(located_tasks)}, not {last!r}.")
         (given_pre, given), (located_pre, located), (lora_pre, lora_step) = decode_step_seconds(
             runs, args.new_tokens, args.repeats
         )
