@@ -320,7 +320,7 @@ def decode_step_seconds(
 def run_decode(args: argparse.Namespace) -> None:
     shape = SHAPES["small"]
     inputs = prompt_inputs(shape.batch, args.prompt, args.vocab, seed=SEED + 2)
-    moe = located_model(shape, args.vocab, DECODE_TASKS, args.prompt)
+    moe = located_model(shape, args.vocab, args.decode_tasks, args.prompt)
     lora = lora_model(shape, args.vocab, active_rank("default")).eval()
     last = moe.tasks[-1]
     runs: list[Callable[[int], float]] = [
@@ -336,7 +336,7 @@ def run_decode(args: argparse.Namespace) -> None:
             runs, args.new_tokens, args.repeats
         )
     print(
-        f"\n## 3. One decode step, {DECODE_TASKS} tasks (default config), {shape.name} shape, batch "
+        f"\n## 3. One decode step, {args.decode_tasks} tasks (default config), {shape.name} shape, batch "
         f"{shape.batch}, prompt {args.prompt} tokens, {args.new_tokens} decode steps, median of "
         f"{args.repeats}\n"
     )
@@ -444,6 +444,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=None, help="training sequence length (default: 256)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens of the decode benchmark")
     parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--decode-tasks", type=int, default=DECODE_TASKS, help="tasks registered for decode")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.quick:

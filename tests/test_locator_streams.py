@@ -119,7 +119,9 @@ def test_trained_stream_matches_the_oracle_and_leaves_unknown_inputs_to_the_base
 
         # the fallback changes nothing for the learnt tasks: same scores as routing every input
         def scores():
-            decode = processor.batch_decode
+            def decode(tokens):
+                return processor.batch_decode(tokens, skip_special_tokens=True)
+
             return [
                 exact_match_accuracy(model, t.eval_dataset, collator, decode, batch_size=60, max_new_tokens=3)
                 for t in tasks
