@@ -71,6 +71,10 @@ class ContinualMoEConfig(PeftConfig):
         router_aux_loss_coef: weight of the load-balancing loss (Switch/Mixtral style) that
             `ContinualMoETrainer` adds to the task loss; ``0`` disables it.
         router_init_std: standard deviation of the normal init of a new router's weights.
+        init_seed: seed of every new expert's and router's initial weights, combined with the task's
+            index and the layer's name. A task therefore starts from the same weights whatever ran
+            before it and whatever drew from the global RNG (a resumed run, a plain loop, another
+            trainer, a different data loader).
         router_max_experts: most experts one task's router chooses among: the task's own new
             experts, then the old experts most useful to it (those the probe phase saw it use, else
             those earlier tasks used most), chosen once when the task is added. A task's router,
@@ -165,6 +169,7 @@ class ContinualMoEConfig(PeftConfig):
     )
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of new routers."})
+    init_seed: int = field(default=0, metadata={"help": "Seed of new experts' and routers' initial weights."})
     router_max_experts: int | None = field(
         default=None,
         metadata={"help": "Most experts one task's router chooses among (default: as many as task 1's)."},
@@ -296,6 +301,8 @@ class ContinualMoEConfig(PeftConfig):
                 )
         if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
             errors.append(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: must be >= 0.")
+        if not is_int(self.init_seed) or self.init_seed < 0:
+            errors.append(f"init_seed={self.init_seed!r}: must be an integer >= 0.")
         if not isinstance(self.router_init_std, (int, float)) or self.router_init_std < 0:
             errors.append(f"router_init_std={self.router_init_std!r}: must be >= 0.")
         for attr in ("target_modules", "exclude_modules"):

@@ -66,24 +66,28 @@ class LoRAExperts(nn.Module):
         init_from: list[int] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         """Append `count` new experts created by task `owner`.
 
         New experts start like LoRA (A Kaiming-uniform, B zero, so the layer's output is unchanged)
-        unless `init_from` names, for each new expert, an existing expert to copy.
+        unless `init_from` names, for each new expert, an existing expert to copy. `generator` (a
+        CPU one) draws the initial A, which is then moved to `device`.
         """
         if count <= 0:
             return
         r = self.r
-        a = torch.empty(count * r, self.in_features, device=device, dtype=dtype)
         b = torch.zeros(count * r, self.out_features, device=device, dtype=dtype)
         if init_from is None:
+            a = torch.empty(count * r, self.in_features, dtype=dtype)
             for i in range(count):  # init per expert, as LoRA does per adapter (a loop at creation only)
-                nn.init.kaiming_uniform_(a[i * r : (i + 1) * r], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(a[i * r : (i + 1) * r], a=math.sqrt(5), generator=generator)
+            a = a.to(device)
         else:
             if len(init_from) != count:
                 raise ValueError(f"init_from names {len(init_from)} experts for {count} new ones.")
             old_a, old_b = self.stacked()
+            a = torch.empty(count * r, self.in_features, device=device, dtype=dtype)
             index = torch.tensor(init_from, device=old_a.device)
             rows = (index[:, None] * r + torch.arange(r, device=old_a.device)).flatten()
             a.copy_(old_a.detach()[rows])
@@ -274,24 +278,35 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         *,
         max_experts: int | None = None,
         preferred: list[int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         """Freeze the past, add `new_experts` experts and the new task's router.
 
         The router chooses among the new experts and, up to `max_experts` in all, the old ones
         `preferred` names first, then those earlier tasks used most (see `candidate_experts`).
+        `generator` draws their initial weights (see `ContinualMoEConfig.init_seed`).
         """
         experts = self.cmoe_experts[adapter_name]
         routers = self.cmoe_routers[adapter_name]
         device, dtype = self._adapter_device_dtype(adapter_name)
         old = experts.num_experts
         experts.consolidate()
-        experts.grow(new_experts, owner=len(routers), init_from=init_from, device=device, dtype=dtype)
+        experts.grow(
+            new_experts,
+            owner=len(routers),
+            init_from=init_from,
+            device=device,
+            dtype=dtype,
+            generator=generator,
+        )
         old_usage = routers.usage_by_expert(old) if max_experts is not None and len(routers) else None
         if routers.shared and len(routers):
             candidates = routers.candidates(0)
         else:
             candidates = candidate_experts(old, new_experts, max_experts, preferred, old_usage)
-        routers.add(candidates, self.router_init_std[adapter_name], device=device, dtype=dtype)
+        routers.add(
+            candidates, self.router_init_std[adapter_name], device=device, dtype=dtype, generator=generator
+        )
 
     def remove_last_task(self, adapter_name: str) -> None:
         """Undo the newest `add_task` (its router, statistics and new experts)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,13 @@ def _all_reduce(counts: torch.Tensor) -> torch.Tensor:
         counts = counts.clone()
         torch.distributed.all_reduce(counts)
     return counts
+
+
+def _init_generator(seed: int, task: int, layer_name: str) -> torch.Generator:
+    """The CPU generator of one layer's new weights for task `task`: a function of its arguments only."""
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + task) * 4_294_967_311 + zlib.crc32(layer_name.encode())
+    )
 
 
 class _FeatureReady(Exception):
@@ -282,6 +290,7 @@ class ContinualMoEModel(BaseTuner):
                     init_from=copies,
                     max_experts=config.router_experts_for(task),
                     preferred=list((preferred or {}).get(layer.layer_name, [])),
+                    generator=_init_generator(config.init_seed, task, layer.layer_name),
                 )
             layer.set_trainable_task(adapter_name, task)
         if config.locator_feature_dim is not None:

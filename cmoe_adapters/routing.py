@@ -163,13 +163,24 @@ class TaskRouters(nn.Module):
             self._candidates[task] = cached
         return cached[1]
 
-    def add(self, candidates: list[int], init_std: float, *, device=None, dtype=None) -> None:
-        """Append the router (and statistics) of a new task over the experts `candidates`."""
+    def add(
+        self,
+        candidates: list[int],
+        init_std: float,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Append the router (and statistics) of a new task over the experts `candidates`.
+
+        `generator` (a CPU one) draws the router's initial weights, which are then moved to `device`.
+        """
         num_experts = len(candidates)
         if not self.shared or len(self.weight) == 0:
-            weight = torch.empty(num_experts, self.in_features, device=device, dtype=dtype)
-            nn.init.normal_(weight, std=init_std)
-            self.weight.append(nn.Parameter(weight))
+            weight = torch.empty(num_experts, self.in_features, dtype=dtype)
+            nn.init.normal_(weight, std=init_std, generator=generator)
+            self.weight.append(nn.Parameter(weight.to(device)))
         self.usage.append(torch.zeros(num_experts, device=device, dtype=torch.float32))
         self.expert_index.append(torch.tensor(candidates, device=device, dtype=torch.long))
         if self.learned_gate:
