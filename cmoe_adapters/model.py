@@ -100,6 +100,7 @@ class ContinualMoEModel(BaseTuner):
             self._collect_into: FeatureBuffer | None = None
             self._feature_buffers: dict[str, FeatureBuffer] = {}
             self._default_task: str | None = None
+            self._expansion_plans: dict[str, dict[str, Any]] = {}  # probe decisions awaiting their task
             self._image_token_ids: tuple[int, ...] | None = None
             self.cmoe_locator = nn.ModuleDict()
         self._install_task_keyword(model)
@@ -386,6 +387,26 @@ class ContinualMoEModel(BaseTuner):
             self._add_locator_slots(self.active_adapters[0], len(self.tasks))
         for record in saved.task_records[len(self.tasks) :]:
             self._grow(dict(record))
+
+    # -- a task's life, for any training loop (see `lifecycle`) ------------------------------------
+
+    def needs_probe(self, name: str) -> bool:
+        """Whether task `name` must run `probing_task` before `learning_task` (LLaVA-CMoE's expansion)."""
+        from . import lifecycle
+
+        return lifecycle.needs_probe(self, name)
+
+    def probing_task(self, name: str) -> contextlib.AbstractContextManager[str]:
+        """LLaVA-CMoE's probe phase of task `name`: train inside the block on a share of its data."""
+        from . import lifecycle
+
+        return lifecycle.probing_task(self, name)
+
+    def learning_task(self, name: str, progress: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Add task `name`, learn it inside the block (any loop), finish it on leaving (`lifecycle`)."""
+        from . import lifecycle
+
+        return lifecycle.learning_task(self, name, progress=progress)
 
     @contextlib.contextmanager
     def using_task(self, name: str) -> Iterator[None]:

@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from . import expansion, hub, momentum, shards, zero3
+from . import hub, shards, zero3
 from ._compat import activation_checkpointing, loss_is_scaled_for_ga, with_checkpointing_kwargs
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
+from .lifecycle import gather_objects
 from .locator import FeatureBuffer
 from .metrics import confusion_matrix
 from .model import ContinualMoEModel
@@ -99,20 +100,6 @@ class _Subset:
         return self.dataset[index * len(self.dataset) // self.size]
 
 
-def _gather_objects(value: Any) -> list[Any]:
-    """`value` from every process, in rank order (just ``[value]`` without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
-def _gather_rows(features: torch.Tensor) -> torch.Tensor:
-    """All processes' locator features, concatenated in rank order (identical on every rank)."""
-    return torch.cat(_gather_objects(features.cpu()))
-
-
 def _reentrant_checkpointing_under_zero3(model: Any, args: TrainingArguments) -> TrainingArguments:
     """Activation checkpointing under ZeRO-3 must be reentrant (a copy of `args` says so).
 
@@ -160,7 +147,7 @@ class _TaskProgressInCheckpoints(TrainerCallback):
             return
         # the rows may live on the device: one copy to the host per checkpoint, not per step
         entry = None if len(buffer) == 0 else (buffer.tensor().cpu(), buffer.seen, buffer.random_state())
-        gathered = _gather_objects((cmoe.usage_state(), entry))  # one collective for both
+        gathered = gather_objects((cmoe.usage_state(), entry))  # one collective for both
         if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -271,43 +258,22 @@ class ContinualMoETrainer(Trainer):
         self._validate([task])
         cmoe = self.continual_model
         log: dict[str, Any] = {"task": task.name}
-        if cmoe is not None and task.name not in cmoe.tasks:
-            decision = self._probe(task) if cmoe._config.expansion and cmoe.tasks else {}
-            cmoe.add_task(task.name, **decision)
-            if decision:
-                log["expansion"] = {
-                    k: v for k, v in decision["details"]["expansion"].items() if k != "probe_frequencies"
-                }
-        config = cmoe._config if cmoe is not None else None
-        before = momentum.snapshot_old_experts(cmoe) if config is not None and config.momentum_merge else None
         self._seen[task.name] = task
-
         task_dir = os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, task.name)
         checkpoint = (
             get_last_checkpoint(task_dir) if resume_from_checkpoint and os.path.isdir(task_dir) else None
         )
-        with contextlib.ExitStack() as phases:
-            buffer = None
-            if cmoe is not None:
-                phases.enter_context(cmoe.using_task(task.name))
-                buffer = phases.enter_context(cmoe.collecting_locator_features(task.name))
-                # every task's usage is kept: CL-MoE's gates and merge read it, and later tasks' routers
-                # reach first the old experts earlier tasks used most
-                phases.enter_context(cmoe.tracking_usage())
-                if checkpoint is not None:
-                    self._load_task_progress(checkpoint, buffer)
+        if cmoe is None:  # a plain peft model (the sequential-LoRA baseline): train, nothing else
             output = self._run_training(task.train_dataset, task_dir, checkpoint)
-        log.update({"train_loss": output.training_loss, **output.metrics})
-
-        if cmoe is not None:
-            cmoe.record_usage(task.name)
-            if before:
-                log["momentum"] = momentum.merge_newest_task(cmoe, before)
-            features = _gather_rows(buffer.tensor())
-            log["locator"] = vars(
-                cmoe.fit_locator(task.name, features=features, progress=not self.args.disable_tqdm)
-            )
-            cmoe.freeze()
+            log.update({"train_loss": output.training_loss, **output.metrics})
+        else:  # the model's own task lifecycle (`lifecycle`), driven by this Trainer's loop
+            if cmoe.needs_probe(task.name):
+                self._probe(task)
+            with cmoe.learning_task(task.name, progress=not self.args.disable_tqdm) as session:
+                if checkpoint is not None:
+                    self._load_task_progress(checkpoint, session.features)
+                output = self._run_training(task.train_dataset, task_dir, checkpoint)
+            log.update({"train_loss": output.training_loss, **output.metrics, **session.log})
         self._finish_task(task, log)
         return self.result
 
@@ -326,32 +292,20 @@ class ContinualMoETrainer(Trainer):
             for name, value in saved.items():
                 setattr(self.args, name, value)
 
-    def _probe(self, task: Task) -> dict[str, Any]:
-        """LLaVA-CMoE's probe phase on a share of the task's data; returns the expansion decision."""
+    def _probe(self, task: Task) -> None:
+        """LLaVA-CMoE's probe phase, on a share of the task's data (the model keeps the decision)."""
         cmoe = self.continual_model
-        config = cmoe._config
-        size = max(1, math.ceil(config.expansion_probe_fraction * len(task.train_dataset)))
-        subset = _Subset(task.train_dataset, size)
-        steps = (
-            math.ceil(config.expansion_probe_fraction * self.args.max_steps)
-            if self.args.max_steps > 0
-            else -1
-        )
-        probe = expansion.start_probe(cmoe)
-        try:
-            with cmoe.using_task(probe), cmoe.tracking_usage():
-                self._run_training(
-                    subset,
-                    os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, f"{task.name}.probe"),
-                    max_steps=steps,
-                    num_train_epochs=1,
-                    save_strategy=SaveStrategy.NO,
-                )
-                return expansion.finish_probe(cmoe)
-        except BaseException:
-            if probe in cmoe.tasks:
-                cmoe.remove_last_task()
-            raise
+        share = cmoe.peft_config[cmoe.active_adapters[0]].expansion_probe_fraction
+        subset = _Subset(task.train_dataset, max(1, math.ceil(share * len(task.train_dataset))))
+        steps = math.ceil(share * self.args.max_steps) if self.args.max_steps > 0 else -1
+        with cmoe.probing_task(task.name):
+            self._run_training(
+                subset,
+                os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, f"{task.name}.probe"),
+                max_steps=steps,
+                num_train_epochs=1,
+                save_strategy=SaveStrategy.NO,
+            )
 
     def _finish_task(self, task: Task, log: dict[str, Any]) -> None:
         row, oracle_row, confusion = self._evaluate_seen()
