@@ -10,6 +10,7 @@ from .dependencies import check_dependencies
 check_dependencies()
 
 from ._peft import CONTINUAL_MOE, register_with_peft  # noqa: E402
+from .aux_loss import RouterAuxLossMixin  # noqa: E402
 from .config import ContinualMoEConfig  # noqa: E402
 from .experts import ContinualMoELayer  # noqa: E402
 from .locator import TaskLocation  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "ContinualMoETrainer",
     "ContinualResult",
     "ContinualTrainingArguments",
+    "RouterAuxLossMixin",
     "Task",
     "TaskLocation",
     "__version__",

@@ -32,13 +32,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
 from . import hub, shards, zero3
-from ._compat import activation_checkpointing, loss_is_scaled_for_ga, with_checkpointing_kwargs
+from ._compat import activation_checkpointing, with_checkpointing_kwargs
+from .aux_loss import RouterAuxLossMixin
 from .config import validate_task_name
 from .evaluation import exact_match_accuracy
 from .lifecycle import gather_objects
 from .locator import FeatureBuffer
 from .metrics import confusion_matrix
-from .model import ContinualMoEModel
 from .results import ContinualResult
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -169,7 +169,7 @@ class _TaskProgressInCheckpoints(TrainerCallback):
             json.dump(meta, handle)
 
 
-class ContinualMoETrainer(Trainer):
+class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
     """Trains a `ContinualMoEConfig` model (or a plain peft model, as a baseline) task by task.
 
     Use it like `transformers.Trainer`, without `train_dataset`; then call `train_tasks` with the
@@ -200,16 +200,8 @@ class ContinualMoETrainer(Trainer):
         self.result = ContinualResult()
         self._seen: dict[str, Task] = {}
         # the balancing loss summed on its device since the last log (None: nothing yet); read once per log
-        self._aux_loss_sum: torch.Tensor | None = None
-        self._aux_loss_count = 0
 
     # -- the model ------------------------------------------------------------------------------
-
-    @property
-    def continual_model(self) -> ContinualMoEModel | None:
-        """The continual-MoE tuner inside the model, or None for a plain peft model (baseline)."""
-        base = getattr(self.model, "base_model", None)
-        return base if isinstance(base, ContinualMoEModel) else None
 
     def _routing(self, name: str) -> contextlib.AbstractContextManager:
         cmoe = self.continual_model
@@ -513,35 +505,6 @@ class ContinualMoETrainer(Trainer):
         return optimizer
 
     # -- loss and logs --------------------------------------------------------------------------
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The task loss plus the routers' balancing loss, scaled like the task loss for GA."""
-        output = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        cmoe = self.continual_model
-        aux = cmoe.router_aux_loss() if cmoe is not None and model.training else None
-        if aux is None:
-            return output
-        if loss_is_scaled_for_ga(
-            self, num_items_in_batch
-        ):  # the Trainer will not divide by the accumulation steps: do it for aux
-            aux = aux / getattr(
-                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-            )
-        detached = aux.detach().float()  # no host sync per micro-step: `log` reads the sum once
-        self._aux_loss_sum = detached if self._aux_loss_sum is None else self._aux_loss_sum + detached
-        self._aux_loss_count += 1
-        if return_outputs:
-            loss, outputs = output
-            return loss + aux.to(loss.dtype), outputs
-        return output + aux.to(output.dtype)
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._aux_loss_count:
-            logs["router_aux_loss"] = round(float(self._aux_loss_sum) / self._aux_loss_count, 6)
-            self._aux_loss_sum, self._aux_loss_count = None, 0
-        super().log(logs, *args, **kwargs)
 
     # -- input checks ---------------------------------------------------------------------------
 
