@@ -19,6 +19,9 @@ from ._peft import CONTINUAL_MOE
 from .densities import DENSITIES
 from .features import POOLINGS
 
+# The published methods as presets (`ContinualMoEConfig.from_preset`); "default" is the plain config.
+PRESETS: tuple[str, ...] = ("default", "llava_cmoe", "cl_moe")
+
 # A task name becomes a module-independent key, a directory name and a Hub revision (branch or tag),
 # so it must be a valid git ref component. These are the rules of `git check-ref-format` for one
 # component, made a little stricter (no spaces, no leading dash) so it is also a safe directory name.
@@ -402,6 +405,16 @@ class ContinualMoEConfig(PeftConfig):
             raise ValueError("Invalid ContinualMoEConfig:\n  - " + "\n  - ".join(errors))
 
     # -- presets ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **overrides: Any) -> ContinualMoEConfig:
+        """The config of `preset` (one of `PRESETS`; ``"default"`` or None: the plain defaults),
+        with `overrides` on top: the one preset table the CLI, the demo and the examples share."""
+        if preset in (None, "default"):
+            return cls(**overrides)
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        return getattr(cls, preset)(**overrides)
 
     @classmethod
     def llava_cmoe(cls, **overrides: Any) -> ContinualMoEConfig:

@@ -44,10 +44,9 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from ._peft import adapter_parameters
-from .config import ContinualMoEConfig
+from .config import PRESETS, ContinualMoEConfig
 from .results import ContinualResult, save_heatmaps, write_atomically
 
-PRESETS = ("default", "llava_cmoe", "cl_moe")
 BASELINE = "sequential LoRA"
 RUN_FILE = "demo_run.json"  # a child process's timing and parameter count, next to its results
 FAST_NOTE = (
@@ -111,11 +110,7 @@ def moe_config(preset: str) -> ContinualMoEConfig:
     LoRA's rank), and 2 new experts per later task (each task's router sees all experts so far, so
     fewer new ones keep later tasks' steps cheap)."""
     shape = {"r": 4, "lora_alpha": 8, "num_experts": 4, "top_k": 2, "experts_per_task": 2}
-    if preset == "llava_cmoe":
-        return ContinualMoEConfig.llava_cmoe(**shape)
-    if preset == "cl_moe":
-        return ContinualMoEConfig.cl_moe(**shape)
-    return ContinualMoEConfig(**shape)
+    return ContinualMoEConfig.from_preset(preset, **shape)
 
 
 def _check_demo_dependencies() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .config import ContinualMoEConfig, validate_task_name
+from .config import PRESETS, ContinualMoEConfig, validate_task_name
 
 # key -> one-line meaning; the order is the order of the documentation and of the dry-run plan
 TOP_LEVEL_KEYS: dict[str, str] = {
@@ -50,7 +50,6 @@ TASK_KEYS: dict[str, str] = {
 }
 FORMATS = ("auto", "llava", "coin")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-PRESETS = ("llava_cmoe", "cl_moe")
 # written by training, never by hand
 ADAPTER_STATE_FIELDS = ("task_records", "locator_feature_dim")
 # TrainingArguments fields holding paths, resolved against the run file's directory like the others
@@ -134,9 +133,7 @@ class RunConfig:
 
 def build_adapter_config(preset: str | None, fields: Mapping[str, Any]) -> ContinualMoEConfig:
     """A preset's config with `fields` overriding it, or a plain config of `fields`."""
-    if preset is not None:
-        return getattr(ContinualMoEConfig, preset)(**fields)
-    return ContinualMoEConfig(**fields)
+    return ContinualMoEConfig.from_preset(preset, **fields)
 
 
 # -- types -----------------------------------------------------------------------------------------
@@ -454,7 +451,7 @@ def _check_adapter(check: _Checker, data: Any, run: dict[str, Any]) -> None:
     before = len(check.problems)
     fields = adapter_fields()
     preset = data.get("preset")
-    if preset is not None and check.choice("adapter.preset", preset, PRESETS):
+    if preset is not None and check.choice("adapter.preset", preset, PRESETS[1:]):  # "default": leave it out
         run["preset"] = preset
     adapter: dict[str, Any] = {}
     for key, value in data.items():

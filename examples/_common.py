@@ -24,12 +24,12 @@ from cmoe_adapters import (
     Task,
 )
 from cmoe_adapters._compat import checkpointing_argument  # the argument's name moved within transformers 5.x
+from cmoe_adapters.config import PRESETS
 from cmoe_adapters.data import VisionLanguageCollator
 
 # transformers warns about its own deprecated alias whenever peft asks; nothing to act on here
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-PRESETS = ("default", "llava_cmoe", "cl_moe")
 
 # Sizes of a `--tiny` run: a dozen optimizer steps per task on 12 records and a small locator, so
 # that a whole stream takes seconds on one CPU core while every phase (probe, train, locate,
@@ -54,7 +54,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str) ->
         "--preset",
         choices=PRESETS,
         default="default",
-        help="default: ContinualMoEConfig() (a router per task, frozen old experts, VAE locator); "
+        help="default: ContinualMoEConfig() (a router per task, frozen old experts, a task locator); "
         "llava_cmoe: + probe-guided expert expansion; cl_moe: dual router + momentum merge.",
     )
     model.add_argument("--lora-r", type=int, help="Rank of each expert (default: the preset's).")
@@ -133,9 +133,7 @@ def method_config(args: argparse.Namespace) -> ContinualMoEConfig:
     overrides.update({key: value for key, value in given.items() if value is not None})
     if overrides.get("top_k") == 0:
         overrides["top_k"] = None
-    if args.preset == "default":
-        return ContinualMoEConfig(**overrides)
-    return getattr(ContinualMoEConfig, args.preset)(**overrides)
+    return ContinualMoEConfig.from_preset(args.preset, **overrides)
 
 
 def training_arguments(args: argparse.Namespace) -> ContinualTrainingArguments:

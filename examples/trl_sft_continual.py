@@ -24,10 +24,9 @@ from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from cmoe_adapters import ContinualMoEConfig, ContinualResult, RouterAuxLossMixin
+from cmoe_adapters.config import PRESETS
 from cmoe_adapters.easyvqa import TASK_ORDER, load_task, shipped_base
 from cmoe_adapters.evaluation import exact_match_accuracy
-
-PRESETS = ("default", "llava_cmoe", "cl_moe")
 
 
 class ContinualSFTTrainer(RouterAuxLossMixin, SFTTrainer):
@@ -86,8 +85,9 @@ def main() -> None:
     args = parser.parse_args()
 
     base, processor = shipped_base()
-    preset = ContinualMoEConfig if args.preset == "default" else getattr(ContinualMoEConfig, args.preset)
-    model = get_peft_model(copy.deepcopy(base), preset(r=4, num_experts=2, top_k=1))
+    model = get_peft_model(
+        copy.deepcopy(base), ContinualMoEConfig.from_preset(args.preset, r=4, num_experts=2, top_k=1)
+    )
     prompts = SFTPrompts(processor)
     names = TASK_ORDER[: args.tasks]
     tests = {name: load_task(name, "test", args.test, seed=1) for name in names}

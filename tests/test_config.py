@@ -80,3 +80,16 @@ def test_good_task_names(name):
 def test_bad_task_names(name):
     with pytest.raises(ValueError):
         validate_task_name(name)
+
+
+def test_one_preset_table_serves_every_entry_point():
+    from cmoe_adapters.config import PRESETS
+
+    assert PRESETS == ("default", "llava_cmoe", "cl_moe")
+    assert ContinualMoEConfig.from_preset("default", r=2).to_dict() == ContinualMoEConfig(r=2).to_dict()
+    assert ContinualMoEConfig.from_preset(None).to_dict() == ContinualMoEConfig().to_dict()
+    for preset in PRESETS[1:]:
+        expected = getattr(ContinualMoEConfig, preset)(top_k=1).to_dict()
+        assert ContinualMoEConfig.from_preset(preset, top_k=1).to_dict() == expected
+    with pytest.raises(ValueError, match="Unknown preset 'lora'; choose one of default, llava_cmoe, cl_moe"):
+        ContinualMoEConfig.from_preset("lora")
