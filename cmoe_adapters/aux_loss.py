@@ -41,13 +41,18 @@ class RouterAuxLossMixin:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         cmoe = self.continual_model
-        aux = cmoe.router_aux_loss() if cmoe is not None and model.training else None
+        if cmoe is None or not model.training:
+            return output
+        steps = 1
+        if loss_is_scaled_for_ga(self, num_items_in_batch):  # the Trainer will not divide aux: do it
+            configured = self.args.gradient_accumulation_steps
+            steps = getattr(self, "current_gradient_accumulation_steps", configured)
+        cmoe.set_aux_loss_gradient_scale(1.0 / steps)  # for the part reentrant checkpointing defers
+        aux = cmoe.router_aux_loss()
         if aux is None:
             return output
-        if loss_is_scaled_for_ga(self, num_items_in_batch):  # the Trainer will not divide aux: do it
-            aux = aux / getattr(
-                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-            )
+        if steps != 1:
+            aux = aux / steps
         detached = aux.detach().float()  # no host sync per micro-step: `log` reads the sum once
         self._aux_loss_sum = detached if self._aux_loss_sum is None else self._aux_loss_sum + detached
         self._aux_loss_count += 1

@@ -28,7 +28,16 @@ from torch import nn
 
 from . import zero3
 from .config import ContinualMoEConfig
-from .routing import BASE_MODEL, Routed, RoutingState, TaskRouters, balancing_loss, candidate_experts, route
+from .routing import (
+    BASE_MODEL,
+    AuxLossGradient,
+    Routed,
+    RoutingState,
+    TaskRouters,
+    balancing_loss,
+    candidate_experts,
+    route,
+)
 from .sparse import prefer_sparse, sparse_lora
 from .zero3 import full_shape
 
@@ -225,6 +234,7 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         self.freeze_old_experts: dict[str, bool] = {}
         self.dual_router_beta: dict[str, float | None] = {}
         self.usage_counts: dict[str, torch.Tensor] = {}
+        self._pending_aux_loss: torch.Tensor | None = None  # see `_collect_aux_loss`
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -366,7 +376,10 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
                     "to the model's forward or generate."
                 )
             task = 0
-        return (result + self._mixture(x, adapter_name, task)).to(result.dtype)
+        output = (result + self._mixture(x, adapter_name, task)).to(result.dtype)
+        if self._pending_aux_loss is not None:
+            output = self._attach_pending_aux_loss(output)
+        return output
 
     def _mixture(self, x: torch.Tensor, adapter_name: str, task: int | torch.Tensor) -> torch.Tensor:
         if isinstance(task, torch.Tensor):
@@ -466,10 +479,34 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         mask = self.routing.token_mask
         if mask is not None and tuple(mask.shape) != tuple(routed.probs.shape[:-1]):
             mask = None
-        if self.training and torch.is_grad_enabled() and self.routing.collect_aux_loss:
-            self.routing.aux_losses.append(balancing_loss(routed, mask))
+        if self.training and self.routing.collect_aux_loss:
+            self._collect_aux_loss(routed, mask)
         if self.routing.track_usage and count_usage:
             self._count_usage(adapter_name, routed.assigned, mask)
+
+    def _collect_aux_loss(self, routed: Routed, mask: torch.Tensor | None) -> None:
+        """This layer's balancing loss, counted once per forward whatever activation checkpointing does.
+
+        With autograd on, the first pass stores it (the caller adds `router_aux_loss()` to its loss)
+        and a non-reentrant recompute finds it stored. A reentrant checkpoint's first pass has no
+        autograd: it leaves a placeholder, and its recompute (inside backward) attaches the loss's
+        gradient to this layer's output instead (`AuxLossGradient`).
+        """
+        losses, name = self.routing.aux_losses, self.layer_name
+        if not torch.is_grad_enabled():
+            losses.setdefault(name, None)
+            return
+        loss = balancing_loss(routed, mask)  # also in a recompute: it must repeat the first pass's ops
+        if name not in losses:
+            losses[name] = loss
+        elif losses[name] is None:
+            self._pending_aux_loss = loss
+
+    def _attach_pending_aux_loss(self, output: torch.Tensor) -> torch.Tensor:
+        aux, self._pending_aux_loss = self._pending_aux_loss, None
+        routing = self.routing
+        weight = routing.aux_loss_coef * routing.aux_gradient_scale / max(1, len(routing.aux_losses))
+        return AuxLossGradient.apply(output, aux, weight)
 
     def _count_usage(self, adapter_name: str, assigned: torch.Tensor, mask) -> None:
         if mask is not None:

@@ -453,10 +453,18 @@ class ContinualMoEModel(BaseTuner):
 
         `ContinualMoETrainer` adds it to the task loss; in a hand-written loop, add it yourself.
         """
-        losses = self._routing.aux_losses
-        if not losses or self._config.router_aux_loss_coef == 0:
-            return None
-        return self._config.router_aux_loss_coef * torch.stack(losses).mean()
+        coef = self._config.router_aux_loss_coef
+        losses = [loss for loss in self._routing.aux_losses.values() if loss is not None]
+        if not losses or coef == 0:
+            return None  # under reentrant checkpointing its gradient joins in backward instead
+        if len(losses) == len(self._routing.aux_losses):
+            return coef * torch.stack(losses).mean()
+        return coef * torch.stack(losses).sum() / len(self._routing.aux_losses)  # partly checkpointed
+
+    def set_aux_loss_gradient_scale(self, scale: float) -> None:
+        """What the caller divides its loss by (gradient accumulation); the balancing loss's gradient
+        added inside backward under reentrant checkpointing is divided likewise. Default 1."""
+        self._routing.aux_gradient_scale = scale
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
@@ -547,6 +555,7 @@ class ContinualMoEModel(BaseTuner):
                 hook = functools.partial(self._feature_from_layer_input, masks=masks, locate=locate)
                 resolved = None if locate else resolved
         self._routing.reset(resolved, token_mask, hook)
+        self._routing.aux_loss_coef = self._config.router_aux_loss_coef
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         task = kwargs.pop("task", None)

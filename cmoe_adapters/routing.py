@@ -16,6 +16,27 @@ from torch import nn
 
 from .zero3 import full_shape
 
+
+class AuxLossGradient(torch.autograd.Function):
+    """Identity on a layer's output whose backward also sends ``weight`` into a balancing loss.
+
+    Under reentrant activation checkpointing a layer's first forward runs without autograd, so its
+    balancing loss cannot join the task loss; the checkpoint's recompute, inside backward, then
+    attaches it here, and the loss's gradient flows exactly once, as if it had been added.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.aux_meta = (aux.dtype, aux.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.aux_meta
+        return grad, torch.full((), ctx.weight, dtype=dtype, device=device), None
+
+
 BASE_MODEL = -1  # the task index of a sample the base model answers (adapters off): no learnt task
 
 
@@ -38,7 +59,11 @@ class RoutingState:
     task: int | torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     collect_aux_loss: bool = True
-    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    # each layer's balancing loss of this forward, once (a recompute never adds it again); None
+    # while it waits for the recompute of a reentrant activation checkpoint (see `AuxLossGradient`)
+    aux_losses: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    aux_loss_coef: float = 0.0
+    aux_gradient_scale: float = 1.0  # what the caller's loss is divided by (gradient accumulation)
     feature_hook: Callable[[torch.Tensor], None] | None = None
     bypass: bool = False
     track_usage: bool = False
