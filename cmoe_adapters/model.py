@@ -52,9 +52,8 @@ def _all_reduce(counts: torch.Tensor) -> torch.Tensor:
 
 def _init_generator(seed: int, task: int, layer_name: str) -> torch.Generator:
     """The CPU generator of one layer's new weights for task `task`: a function of its arguments only."""
-    return torch.Generator().manual_seed(
-        (seed * 1_000_003 + task) * 4_294_967_311 + zlib.crc32(layer_name.encode())
-    )
+    mixed = (seed * 1_000_003 + task) * 4_294_967_311 + zlib.crc32(layer_name.encode())
+    return torch.Generator().manual_seed(mixed % 2**63)  # any init_seed: manual_seed takes 64 bits
 
 
 class _FeatureReady(Exception):

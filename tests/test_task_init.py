@@ -51,3 +51,9 @@ def test_tasks_and_layers_get_different_initial_weights():
 def test_init_seed_is_validated():
     with pytest.raises(ValueError, match="init_seed=-1"):
         ContinualMoEConfig(init_seed=-1)
+
+
+def test_a_large_init_seed_works():
+    model = get_peft_model(tiny_llama(), ContinualMoEConfig(r=4, num_experts=2, top_k=1, init_seed=10**12))
+    model.add_task("a")
+    assert model.tasks == ["a"]
