@@ -103,9 +103,9 @@ def test_open_set_example_locates_by_image_and_leaves_unknown_inputs_to_the_base
         sys.executable,
         os.path.join(EXAMPLES_DIR, "locate_open_set.py"),
         "--train",
-        "300",
+        "200",
         "--test",
-        "40",
+        "30",
     ]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert finished.returncode == 0, finished.stderr[-3000:]

@@ -55,16 +55,16 @@ def test_stream_is_located_and_unknown_inputs_are_flagged(stream, tiny_llava):
     try:
         for task in tasks:
             model.add_task(task)
-            model.collect_locator_features(batches(collator, records_of(task, "train", 500)), progress=False)
+            model.collect_locator_features(batches(collator, records_of(task, "train", 300)), progress=False)
             model.fit_locator(task)
         correct, total, known = 0, 0, []
         for task in tasks:
-            location = located(model, collator, records_of(task, "test", 120, seed=1))
+            location = located(model, collator, records_of(task, "test", 100, seed=1))
             correct += location.tasks.count(task)  # a rejected input (None) counts as wrong
             total += len(location.tasks)
             known += location.novelty.tolist()
         assert correct / total >= 0.99, f"{stream}: located {correct}/{total}"
-        unknown = unknown_inputs(stream, "test", 120, seed=1)
+        unknown = unknown_inputs(stream, "test", 100, seed=1)
         kinds = ["checkers", "patches_other_question"] if stream == "same_question" else list(unknown)
         for kind in kinds:
             location = located(model, collator, unknown[kind])

@@ -77,7 +77,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 def test_a_plain_loop_and_the_trainer_give_bit_identical_adapters(tmp_path):
-    tasks = stream()
+    tasks = stream()[:2]
     config = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
     loop_model, loop_matrix, _ = run_loop(ContinualMoEConfig(**config), tasks)
 

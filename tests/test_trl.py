@@ -23,7 +23,7 @@ SCRIPT = os.path.join(ROOT, "examples", "trl_sft_continual.py")
 def test_sft_trainer_runs_the_method_end_to_end(preset, tmp_path):
     out = tmp_path / preset
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, SCRIPT, "--preset", preset, "--steps", "30", "--train", "240", "--test", "40",
+    command = [sys.executable, SCRIPT, "--preset", preset, "--steps", "20", "--train", "160", "--test", "30",
                "--output-dir", str(out)]  # fmt: skip
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-4000:]

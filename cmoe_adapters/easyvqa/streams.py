@@ -19,6 +19,7 @@ import functools
 import random
 from collections.abc import Callable
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .tasks import COLORS, SHAPES, load_task
@@ -68,14 +69,9 @@ PATCH_COLORS: tuple[str, ...] = tuple(c for c in COLORS if c != "gray")
 def _patch(rng: random.Random) -> tuple[Image.Image, str]:
     """One flat colour (not gray, see `PATCH_COLORS`) with per-pixel noise."""
     color = rng.choice(PATCH_COLORS)
-    base = _RGB[color]
-    noise = 25
-    pixels = bytes(
-        max(0, min(255, channel + rng.randint(-noise, noise)))
-        for _ in range(IMAGE_SIZE * IMAGE_SIZE)
-        for channel in base
-    )
-    return Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), pixels), color
+    noise = torch.Generator().manual_seed(rng.getrandbits(63))
+    pixels = torch.tensor(_RGB[color]) + torch.randint(-25, 26, (IMAGE_SIZE, IMAGE_SIZE, 3), generator=noise)
+    return Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).numpy()), color
 
 
 def _stripes(rng: random.Random) -> tuple[Image.Image, str]:
