@@ -17,7 +17,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "plain_loop_accelerate.py"
 def test_accelerate_launch_runs_the_lifecycle_on_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(SCRIPT), str(tmp_path),
     ]  # fmt: skip

@@ -1,7 +1,9 @@
 """A plain training loop under `accelerate launch`: every process trains its shard of each task
 inside ``model.learning_task``; the locator is fitted on all processes' features.
 
-    accelerate launch --cpu --num_processes 2 tests/scripts/plain_loop_accelerate.py DUMP_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/plain_loop_accelerate.py DUMP_DIR
+
+(torchrun underneath; `Accelerator(cpu=True)` makes it two CPU processes over gloo.)
 """
 
 from __future__ import annotations
