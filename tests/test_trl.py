@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("trl", reason="TRL is part of the test extras: pip install -e '.[test]'")
+pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[test,trl]' (CI: newest set)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "trl_sft_continual.py")
