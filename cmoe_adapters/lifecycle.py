@@ -99,7 +99,7 @@ def learning_task(model: ContinualMoEModel, name: str, progress: bool = False) -
     """Add task `name` (unless a resumed run added it already), learn it inside the block, finish it."""
     log: dict[str, Any] = {}
     if name not in model.tasks:
-        if model._config.expansion and model.tasks and name not in model._expansion_plans:
+        if needs_probe(model, name):
             raise ValueError(
                 f"expansion=True: task {name!r} first needs its probe phase, `with model.probing_task("
                 f"{name!r}): <train on a share of its data>`, which decides where it gets new experts."
