@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from .config import ContinualMoEConfig
@@ -171,49 +169,6 @@ def _device(choice: str) -> str:
     if choice != "auto":
         return choice
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _batches(records: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(records), size):
-        yield list(records[start : start + size])
-
-
-@dataclass
-class _Located:
-    """What the locator decided for a list of records (`locate_tasks(..., return_scores=True)`).
-
-    ``tasks``: each record's task, ``None`` for none of the learnt tasks (the base model answers
-    it under ``locator_open_set="base"``); ``probabilities``: ``p(task | record)`` rows;
-    ``novelty``: the open-set score (higher = less like any learnt task; None without a fitted
-    locator); ``unknown``: outside every task's fence (also under ``"nearest"``, which still routes).
-    """
-
-    tasks: list[str | None] = field(default_factory=list)
-    probabilities: list[list[float]] = field(default_factory=list)
-    novelty: list[float | None] = field(default_factory=list)
-    unknown: list[bool] = field(default_factory=list)
-
-
-def _locate(
-    model: Any, collator: VisionLanguageCollator, records: Sequence[Any], batch_size: int
-) -> _Located:
-    """The locator's decision for every record, with its scores."""
-    import torch
-
-    device = next(model.parameters()).device
-    located = _Located()
-    with torch.no_grad():
-        for batch in _batches(records, batch_size):
-            inputs = {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v
-                for k, v in collator.generation_inputs(batch).items()
-            }
-            location = model.locate_tasks(**inputs, return_scores=True)
-            located.tasks += location.tasks
-            located.probabilities += location.probabilities.float().tolist()
-            located.novelty += [None if math.isnan(v) else v for v in location.novelty.float().tolist()]
-            located.unknown += [bool(v) for v in location.unknown.tolist()]
-    return located
 
 
 def _none_label(config: Any) -> str:
@@ -413,8 +368,8 @@ def _percent(value: float | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import exact_match_accuracy
-    from .metrics import confusion_matrix, locator_accuracy, open_set_rate
+    from .evaluation import evaluate_seen_tasks, exact_match_accuracy
+    from .metrics import locator_accuracy, open_set_rate
 
     config = load_run_config(args.config, "eval")
     data = _task_data(config, "eval")
@@ -451,26 +406,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     collator = VisionLanguageCollator(processor, max_length=config.max_length)
     decode = getattr(processor, "batch_decode", None) or processor.tokenizer.batch_decode
     oracle = args.oracle or bool(config.training.get("eval_oracle"))
-    generation = {"batch_size": config.eval_batch_size, "max_new_tokens": config.eval_max_new_tokens}
-    accuracy: dict[str, float] = {}
-    oracle_accuracy: dict[str, float] = {}
-    truth: list[str] = []
-    located: list[str | None] = []
-    for name in evaluated:
-        records = data[name]["eval"]
 
-        def decoded(tokens: Any) -> list[str]:
-            return decode(tokens, skip_special_tokens=True)
+    def score(name: str, records: Sequence[Any]) -> float:
+        return exact_match_accuracy(
+            model,
+            records,
+            collator,
+            lambda tokens: decode(tokens, skip_special_tokens=True),
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.eval_max_new_tokens,
+        )
 
-        accuracy[name] = exact_match_accuracy(model, records, collator, decoded, **generation)
-        if oracle:
-            oracle_accuracy[name] = exact_match_accuracy(
-                model, records, collator, decoded, task=name, **generation
-            )
-        tasks = _locate(model, collator, records, config.eval_batch_size).tasks
-        truth += [name] * len(tasks)
-        located += tasks
-    confusion = confusion_matrix(truth, located, known)  # the last column: located in none
+    evaluation = evaluate_seen_tasks(
+        model,
+        {name: data[name]["eval"] for name in evaluated},
+        score,
+        collator=collator,
+        batch_size=config.eval_batch_size,
+        oracle=oracle,
+    )
+    accuracy = dict(zip(evaluated, evaluation.scores, strict=True))
+    oracle_accuracy = dict(zip(evaluated, evaluation.oracle or [], strict=False))
+    confusion = evaluation.confusion  # the last column: located in none
+    records_seen = sum(len(data[name]["eval"]) for name in evaluated)
     per_task_locator = {
         name: confusion[known.index(name)][known.index(name)] / max(1, sum(confusion[known.index(name)]))
         for name in evaluated
@@ -509,7 +467,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cells = f"{_percent(average):>7}" + (f"  {_percent(report['oracle_average']):>7}" if oracle else "")
     locator = f"{_percent(report['locator_accuracy']):>7}  {_percent(report['open_set_rate']):>7}"
     lines.append(f"{'average':<{width}}  {cells}  {locator}")
-    print(f"accuracy in % on {len(truth)} records, tasks located by the adapter ({args.adapter}):")
+    print(f"accuracy in % on {records_seen} records, tasks located by the adapter ({args.adapter}):")
     print("\n".join(lines))
     print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
     print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
@@ -527,6 +485,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
+    from .evaluation import locate_records
     from .metrics import confusion_matrix, locator_accuracy, open_set_rate
 
     if args.image_root is not None and not os.path.isdir(args.image_root):
@@ -551,7 +510,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     model = _load_adapter(base, args.adapter, args.revision, args.token)
     model.to(_device(args.device)).eval()
     known = list(model.tasks)
-    located = _locate(model, VisionLanguageCollator(processor), records, args.batch_size)
+    located = locate_records(model, records, VisionLanguageCollator(processor), args.batch_size)
     tasks, none = located.tasks, _none_label(saved)
     truth = [true_tasks[number] for number in sources] if true_tasks else None
 
@@ -648,40 +607,19 @@ def cmd_push(args: argparse.Namespace) -> int:
             raise CommandError(f"{os.path.join(root, task)} holds no saved adapter.")
 
     target = hub.HubTarget(args.hub_model_id, token=args.token, private=args.private, branch=args.branch)
-    try:
-        target.ensure_repo()
-        tagged = {tag.name for tag in target.api().list_repo_refs(target.repo_id).tags}
-    except Exception as error:
-        print(
-            f"cmoe push: cannot reach {args.hub_model_id}: {type(error).__name__}: {error}", file=sys.stderr
-        )
-        hub.write_pending(root, sorted(set(pending) | set(todo), key=finished.index))
-        return EXIT_FAILED
-    still: list[str] = []
-    for task in todo:
-        if still:  # keep the order: a later task must not overtake an earlier one that failed
-            still.append(task)
-            continue
-        # main moves forward only: a task goes to main unless a later task is already on the Hub
-        latest = not any(later in tagged for later in finished[finished.index(task) + 1 :])
-        try:
-            commit = target.push_task(os.path.join(root, task), task, latest=latest)
-        except Exception as error:  # the local save is untouched; the task stays pending
-            print(f"cmoe push: task {task!r} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            still.append(task)
-            continue
-        tagged.add(task)
+    report = hub.push_finished(target, root, todo, finished)
+    for task, commit in report.pushed.items():
         print(f"pushed {task} -> {target.repo_id} (tag {task}, commit {commit[:10]})")
-    left = [task for task in pending if task not in todo] + still
-    hub.write_pending(root, sorted(set(left), key=finished.index))
-    if still:
-        print(
-            f"still pending: {still}; retry with "
-            f"`cmoe push {root} --hub-model-id {args.hub_model_id} --pending`",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    return EXIT_OK
+    if report.failure is None:
+        return EXIT_OK
+    task, error = report.failure
+    print(f"cmoe push: task {task!r} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    print(
+        f"still pending: {report.pending}; retry with "
+        f"`cmoe push {root} --hub-model-id {args.hub_model_id} --pending`",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 # -- demo ------------------------------------------------------------------------------------------

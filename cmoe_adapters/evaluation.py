@@ -1,21 +1,28 @@
-"""Scoring generated answers: VQA-style normalised exact match, and the default evaluator.
+"""Scoring generated answers, and evaluating every task seen so far (one implementation for all).
 
 The default evaluator reads the library's record format (``{"image", "question", "answer"}``),
 asks the collator for prompt-only inputs, generates greedily with *no task given* (the locator
 must pick it), and scores normalised exact match. A record's ``answer`` may be a list of accepted
 answers (as in VQA v2); a prediction matching any of them counts.
+
+`evaluate_seen_tasks` is what `ContinualMoETrainer` runs after every task and what ``cmoe eval``
+runs on a saved adapter: each task's score with its task located (what users get), with the true
+task given (``oracle``), and the locator's confusion matrix (`locate_records`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .data import reference_answer
+from .metrics import confusion_matrix
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -50,6 +57,20 @@ def _batches(dataset: Sequence[Any], batch_size: int) -> Iterable[list[Any]]:
         yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
 
 
+def _on_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def prompt_inputs(collator: Any, records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The model inputs of `records` as the model sees them when generating (prompt only).
+
+    A collator without ``generation_inputs`` (e.g. one for pre-tokenised data) gives its training
+    batch; the locator's feature pools the prompt tokens (not the labelled answer) of either.
+    """
+    build = getattr(collator, "generation_inputs", None)
+    return build(records) if callable(build) else collator(records)
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -65,10 +86,7 @@ def generate_answers(
     answers: list[str] = []
     device = next(model.parameters()).device
     for batch in _batches(records, batch_size):
-        inputs = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in collator.generation_inputs(batch).items()
-        }
+        inputs = _on_device(collator.generation_inputs(batch), device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, task=task)
         answers.extend(decode(generated[:, inputs["input_ids"].shape[1] :]))
     return answers
@@ -87,3 +105,94 @@ def exact_match_accuracy(
     predictions = generate_answers(model, records, collator, decode, **generation)
     hits = sum(exact_match(p, reference_answer(r)) for p, r in zip(predictions, records, strict=True))
     return hits / len(records)
+
+
+@dataclass
+class LocatedRecords:
+    """What the locator decided for a list of records (`locate_tasks(..., return_scores=True)`).
+
+    ``tasks``: each record's task, ``None`` for none of the learnt tasks (the base model answers
+    it under ``locator_open_set="base"``); ``probabilities``: ``p(task | record)`` rows;
+    ``novelty``: the open-set score (higher = less like any learnt task; None without a fitted
+    locator); ``unknown``: outside every task's fence (also under ``"nearest"``, which still routes).
+    """
+
+    tasks: list[str | None] = field(default_factory=list)
+    probabilities: list[list[float]] = field(default_factory=list)
+    novelty: list[float | None] = field(default_factory=list)
+    unknown: list[bool] = field(default_factory=list)
+
+
+@torch.no_grad()
+def locate_records(model: Any, records: Sequence[Any], collator: Any, batch_size: int) -> LocatedRecords:
+    """The locator's decision for every record, with its scores, from the prompt-only inputs."""
+    device = next(model.parameters()).device
+    located = LocatedRecords()
+    for batch in _batches(records, batch_size):
+        location = model.locate_tasks(
+            **_on_device(prompt_inputs(collator, batch), device), return_scores=True
+        )
+        located.tasks += location.tasks
+        located.probabilities += location.probabilities.float().tolist()
+        located.novelty += [None if math.isnan(v) else v for v in location.novelty.float().tolist()]
+        located.unknown += [bool(v) for v in location.unknown.tolist()]
+    return located
+
+
+@dataclass
+class SeenTasksEvaluation:
+    """Scores of the evaluated tasks (in the order given; ``None`` where a task has no eval set).
+
+    ``oracle``: the same with each task's true task given (``None`` unless asked for);
+    ``confusion``: the locator's counts, a row per known task and a column per known task plus a
+    last one for records located in none of them (``None`` for a plain peft model).
+    """
+
+    tasks: list[str]
+    scores: list[float | None]
+    oracle: list[float | None] | None
+    confusion: list[list[int]] | None
+
+
+@torch.no_grad()
+def evaluate_seen_tasks(
+    model: Any,
+    datasets: Mapping[str, Sequence[Any] | None],
+    score: Callable[[str, Sequence[Any]], float],
+    *,
+    collator: Any,
+    batch_size: int,
+    oracle: bool = False,
+) -> SeenTasksEvaluation:
+    """Score every task of `datasets` with `score(name, records)`, the model in eval mode.
+
+    The model locates each record's task (no task is given); with `oracle`, each task is scored
+    again routed through its true task. A cmoe model's locator is also asked for every record
+    (`locate_records`), which gives the confusion matrix over ``model.tasks``.
+    """
+    continual = callable(getattr(model, "locate_tasks", None))
+    was_training = model.training
+    model.eval()
+    scores: list[float | None] = []
+    oracle_scores: list[float | None] | None = [] if oracle and continual else None
+    truth: list[str] = []
+    located: list[str | None] = []
+    try:
+        for name, records in datasets.items():
+            if records is None:
+                scores.append(None)
+                if oracle_scores is not None:
+                    oracle_scores.append(None)
+                continue
+            scores.append(score(name, records))
+            if oracle_scores is not None:
+                with model.using_task(name):
+                    oracle_scores.append(score(name, records))
+            if continual:
+                found = locate_records(model, records, collator, batch_size).tasks
+                truth += [name] * len(found)
+                located += found
+    finally:
+        model.train(was_training)
+    confusion = confusion_matrix(truth, located, list(model.tasks)) if continual else None
+    return SeenTasksEvaluation(list(datasets), scores, oracle_scores, confusion)

@@ -17,7 +17,8 @@ import fnmatch
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -153,6 +154,51 @@ def write_pending(output_dir: str, tasks: list[str]) -> None:
         write_atomically(path, json.dumps(tasks))
     elif os.path.exists(path):
         os.remove(path)
+
+
+@dataclass
+class PushReport:
+    """What `push_finished` did: the tasks pushed (with their commits), the failure that stopped it
+    (task, error) if any, and the tasks still pending afterwards (also in ``hub_pending.json``)."""
+
+    pushed: dict[str, str] = field(default_factory=dict)
+    failure: tuple[str, Exception] | None = None
+    pending: list[str] = field(default_factory=list)
+
+
+def push_finished(
+    target: HubTarget, output_dir: str, tasks: Sequence[str], finished: Sequence[str]
+) -> PushReport:
+    """Push `tasks` (finished tasks saved in ``output_dir/<task>``) in stream order; never raises.
+
+    The first failure stops the loop: that task and every later one stay pending, so a later task
+    never overtakes an earlier one on the Hub, and the local saves are untouched. ``main`` moves
+    forward only: a task goes to main unless a later task of `finished` is already tagged there.
+    """
+    todo = [task for task in finished if task in set(tasks)]
+    report = PushReport()
+    try:
+        target.ensure_repo()
+        tagged = {tag.name for tag in target.api().list_repo_refs(target.repo_id).tags} if todo else set()
+    except Exception as error:  # the repository cannot be reached: nothing is pushed
+        report.failure = (todo[0] if todo else "", error)
+        todo_left = todo
+    else:
+        todo_left = []
+        for position, task in enumerate(todo):
+            latest = not any(later in tagged for later in finished[finished.index(task) + 1 :])
+            try:
+                report.pushed[task] = target.push_task(os.path.join(output_dir, task), task, latest=latest)
+            except Exception as error:  # the task and every later one stay pending
+                report.failure, todo_left = (task, error), todo[position:]
+                break
+            tagged.add(task)
+    left = {task for task in read_pending(output_dir) if task not in report.pushed} | set(todo_left)
+    report.pending = sorted(
+        left, key=lambda task: finished.index(task) if task in finished else len(finished)
+    )
+    write_pending(output_dir, report.pending)
+    return report
 
 
 def _percent(value: float | None) -> str:

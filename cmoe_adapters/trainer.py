@@ -35,10 +35,9 @@ from . import hub, shards, zero3
 from ._compat import activation_checkpointing, with_checkpointing_kwargs
 from .aux_loss import RouterAuxLossMixin
 from .config import validate_task_name
-from .evaluation import exact_match_accuracy
+from .evaluation import SeenTasksEvaluation, evaluate_seen_tasks, exact_match_accuracy
 from .lifecycle import gather_objects
 from .locator import FeatureBuffer
-from .metrics import confusion_matrix
 from .results import ContinualResult
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -300,12 +299,12 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
             )
 
     def _finish_task(self, task: Task, log: dict[str, Any]) -> None:
-        row, oracle_row, confusion = self._evaluate_seen()
-        result = self.result
+        evaluation = self.evaluate_seen_tasks()
+        result, row, confusion = self.result, evaluation.scores, evaluation.confusion
         result.tasks.append(task.name)
         result.accuracy_matrix.append(row)
-        if oracle_row is not None:
-            result.oracle_accuracy_matrix = [*(result.oracle_accuracy_matrix or []), oracle_row]
+        if evaluation.oracle is not None:
+            result.oracle_accuracy_matrix = [*(result.oracle_accuracy_matrix or []), evaluation.oracle]
         result.locator_confusion = confusion
         result.task_logs.append(log)
         self._save_task(task.name)
@@ -318,70 +317,39 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
 
     # -- evaluation -----------------------------------------------------------------------------
 
+    def evaluate_seen_tasks(self) -> SeenTasksEvaluation:
+        """Score every task seen so far with its task located (and true, with ``eval_oracle``).
+
+        What runs after each task; its row goes into the accuracy matrix (`evaluation`).
+        """
+        return evaluate_seen_tasks(
+            self.model,
+            {name: seen.eval_dataset for name, seen in self._seen.items()},
+            self._score,
+            collator=self.data_collator,
+            batch_size=self._eval_batch_size(),
+            oracle=getattr(self.args, "eval_oracle", False),
+        )
+
     def _eval_batch_size(self) -> int:
         return self.args.eval_batch_size or self.args.per_device_eval_batch_size
 
-    def _score(self, task: Task) -> float:
+    def _score(self, name: str, records: Any) -> float:
+        """The task's own `evaluate`, or generated answers scored by normalised exact match."""
+        task = self._seen[name]
         if task.evaluate is not None:
-            return float(task.evaluate(self.model, task.eval_dataset))
-        args = self.args
+            return float(task.evaluate(self.model, records))
         return exact_match_accuracy(
             self.model,
-            task.eval_dataset,
+            records,
             self.data_collator,
             self._decode,
             batch_size=self._eval_batch_size(),
-            max_new_tokens=getattr(args, "eval_max_new_tokens", 16),
+            max_new_tokens=getattr(self.args, "eval_max_new_tokens", 16),
         )
 
     def _decode(self, tokens: torch.Tensor) -> list[str]:
         return self.processing_class.batch_decode(tokens, skip_special_tokens=True)
-
-    def _located(self, task: Task) -> list[str | None]:
-        """The locator's task for every sample of the task's eval set (None: none of the learnt ones)."""
-        cmoe = self.continual_model
-        dataset, size = task.eval_dataset, self._eval_batch_size()
-        located: list[str | None] = []
-        for start in range(0, len(dataset), size):
-            records = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-            inputs = self._prepare_inputs(self.data_collator(records))
-            located.extend(cmoe.locate_tasks(**inputs))
-        return located
-
-    @torch.no_grad()
-    def _evaluate_seen(self) -> tuple[list[float | None], list[float | None] | None, list[list[int]] | None]:
-        """Score every seen task (task located; and true task with ``eval_oracle``).
-
-        The locator's confusion has a row per seen task and a column per seen task plus a last one
-        for the samples it located in none of them (the base model answered those).
-        """
-        cmoe = self.continual_model
-        oracle = getattr(self.args, "eval_oracle", False) and cmoe is not None
-        was_training = self.model.training
-        self.model.eval()
-        row: list[float | None] = []
-        oracle_row: list[float | None] | None = [] if oracle else None
-        truth: list[str] = []
-        predicted: list[str | None] = []
-        try:
-            for task in self._seen.values():
-                if task.eval_dataset is None:
-                    row.append(None)
-                    if oracle_row is not None:
-                        oracle_row.append(None)
-                    continue
-                row.append(self._score(task))
-                if oracle_row is not None:
-                    with cmoe.using_task(task.name):
-                        oracle_row.append(self._score(task))
-                if cmoe is not None:
-                    located = self._located(task)
-                    truth += [task.name] * len(located)
-                    predicted += located
-        finally:
-            self.model.train(was_training)
-        confusion = confusion_matrix(truth, predicted, list(self._seen)) if cmoe is not None else None
-        return row, oracle_row, confusion
 
     # -- saving and resuming --------------------------------------------------------------------
 
@@ -425,26 +393,16 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         if self.hub_target is None or not self.args.should_save:
             return []
         root = self.continual_output_dir
-        pending = hub.read_pending(root)
-        latest = self.result.tasks[-1] if self.result.tasks else None
-        still: list[str] = []
-        for task in pending:
-            if still:  # keep the order: a later task must not overtake an earlier one that failed
-                still.append(task)
-                continue
-            try:
-                self.hub_target.ensure_repo()
-                self.hub_target.push_task(os.path.join(root, task), task, latest=task == latest)
-            except Exception as error:  # a push must never stop training or lose the local save
-                warnings.warn(
-                    f"Pushing task {task!r} to {self.hub_target.repo_id} failed ({type(error).__name__}: "
-                    f"{error}). The local save in {os.path.join(root, task)} is intact; call "
-                    "trainer.push_pending() or resume the stream to retry.",
-                    stacklevel=2,
-                )
-                still.append(task)
-        hub.write_pending(root, still)
-        return still
+        report = hub.push_finished(self.hub_target, root, hub.read_pending(root), self.result.tasks)
+        if report.failure is not None:  # a push must never stop training or lose the local save
+            task, error = report.failure
+            warnings.warn(
+                f"Pushing task {task!r} to {self.hub_target.repo_id} failed ({type(error).__name__}: "
+                f"{error}). The local save in {os.path.join(root, task)} is intact; call "
+                "trainer.push_pending() or resume the stream to retry.",
+                stacklevel=2,
+            )
+        return report.pending
 
     def _restore_finished(self, tasks: Sequence[Task]) -> None:
         """Bring back every finished task (weights, routers, locators, results) from output_dir."""

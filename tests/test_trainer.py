@@ -76,10 +76,12 @@ def test_samples_located_in_no_task_are_counted_in_the_none_column(moe_run, monk
     locate = cmoe.locate_tasks
 
     def mid_unknown(**inputs):  # the locator places every sample of "mid" in none of the tasks
-        return [None if name == "mid" else name for name in locate(**inputs)]
+        location = locate(**inputs)
+        location.tasks = [None if name == "mid" else name for name in location.tasks]
+        return location
 
     monkeypatch.setattr(cmoe, "locate_tasks", mid_unknown)
-    _, _, confusion = trainer._evaluate_seen()
+    confusion = trainer.evaluate_seen_tasks().confusion
     before = result.locator_confusion  # the same evaluation with the real locator
     assert confusion == [[low, 0, high, mid + none] for low, mid, high, none in before]
     report = ContinualResult(result.tasks, result.accuracy_matrix, locator_confusion=confusion)
