@@ -354,15 +354,30 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
 
     # -- forward ----------------------------------------------------------------------------------
 
+    def _feature_only_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A pass that only wants the locator's feature: the first adapted layer's input.
+
+        Every adapted layer then outputs zeros instead of computing anything, since the caller
+        discards the pass's output; a base weight partitioned by DeepSpeed ZeRO-3 still runs, as
+        ZeRO-3 expects each layer's parameters to be fetched and released in turn.
+        """
+        if self.routing.feature_hook is not None:
+            hook, self.routing.feature_hook = self.routing.feature_hook, None
+            hook(x)
+        base = self.get_base_layer()
+        if zero3.is_partitioned(base.weight):
+            return self.base_layer(x, *args, **kwargs)
+        return x.new_zeros(*x.shape[:-1], base.out_features)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing.feature_only and not self.routing.bypass:  # bypass: the paper's base pass
+            return self._feature_only_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged or self.routing.bypass:
             return result
         if self.routing.feature_hook is not None:  # the first adapted layer to run: locator feature
             hook, self.routing.feature_hook = self.routing.feature_hook, None
             hook(x)
-            if self.routing.bypass:  # the pass only wanted the feature (see locator_features)
-                return result
         adapter_name = self.active_adapters[0]
         if adapter_name not in self.cmoe_routers or len(self.cmoe_routers[adapter_name]) == 0:
             return result

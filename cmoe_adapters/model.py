@@ -56,14 +56,6 @@ def _init_generator(seed: int, task: int, layer_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(mixed % 2**63)  # any init_seed: manual_seed takes 64 bits
 
 
-class _FeatureReady(Exception):
-    """Stops a forward pass as soon as the locator's feature is known (`locate_tasks`)."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__("locator feature ready")
-        self.features = features
-
-
 class GenerateWithTask:
     """The HF model's ``generate`` with a ``task=`` keyword, set on the model instance.
 
@@ -94,8 +86,7 @@ class ContinualMoEModel(BaseTuner):
             self._pending_generate_task: Any = _NO_PENDING
             self._generating = False
             self._in_base_pass = False
-            self._stop_at_feature = False
-            self._captured_features: list[torch.Tensor] | None = None
+            self._captured_features: list[torch.Tensor] | None = None  # inside locator_features
             self._collect_into: FeatureBuffer | None = None
             self._feature_buffers: dict[str, FeatureBuffer] = {}
             self._default_task: str | None = None
@@ -482,12 +473,8 @@ class ContinualMoEModel(BaseTuner):
 
     def _use_features(self, features: torch.Tensor, locate: bool) -> torch.Tensor | None:
         """Collect and/or locate with the features of this forward pass."""
-        if self._stop_at_feature:
-            if self._captured_features is None:
-                raise _FeatureReady(features)
-            # ZeRO-3 cannot abandon a forward pass: finish it as the base model, features kept
+        if self._captured_features is not None:  # locator_features: the pass wants nothing else
             self._captured_features.append(features)
-            self._routing.bypass = True
             return None
         if self._collect_into is not None:
             self._collect_into.add(features)
@@ -539,13 +526,14 @@ class ContinualMoEModel(BaseTuner):
 
     def _begin_forward(self, args: tuple, kwargs: dict, task: TaskSpec) -> None:
         """Decide the routing of one forward pass (or of one generate call, at its prefill)."""
-        # a pass that stops at the locator's feature never routes: no task is needed for it
-        resolved = None if self._stop_at_feature else self.resolve_task(task, self._batch_size(args, kwargs))
+        # a pass that only takes the locator's feature never routes: no task is needed for it
+        capturing = self._captured_features is not None
+        resolved = None if capturing else self.resolve_task(task, self._batch_size(args, kwargs))
         mask = kwargs.get("attention_mask")
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         locate = resolved is _LOCATE
         hook = None
-        if locate or self._collect_into is not None or self._stop_at_feature:
+        if locate or self._collect_into is not None or capturing:
             masks = self._prompt_masks(kwargs)
             if self._config.locator_feature_source == "base_last_hidden":
                 located = self._use_features(self._feature_from_base_pass(args, kwargs, masks), locate)
@@ -600,25 +588,21 @@ class ContinualMoEModel(BaseTuner):
     def locator_features(self, *args: Any, **batch: Any) -> torch.Tensor:
         """The locator's feature ``[batch, d]`` of model inputs, computed only as far as needed.
 
-        With the default feature source the forward pass stops at the first adapted layer (under
-        DeepSpeed ZeRO-3, whose parameter bookkeeping needs every pass to finish, it goes on as the
-        base model).
+        With the default feature source the adapted layers skip their work once the first one has
+        handed over its input (`RoutingState.feature_only`), so the pass costs little more than
+        the vision tower and the layers' element-wise operations.
         """
         batch.pop("task", None)
-        self._stop_at_feature = True
-        if zero3.is_partitioned(next(self.model.parameters())):
-            self._captured_features = []
+        self._captured_features, self._routing.feature_only = [], True
         try:
             self.model(*args, **batch)
-        except _FeatureReady as ready:
-            return ready.features
+            captured = self._captured_features
         finally:
-            captured, self._captured_features = self._captured_features, None
-            self._stop_at_feature, self._routing.bypass = False, False
+            self._captured_features, self._routing.feature_only = None, False
             self._routing.reset(None)
-        if captured:
-            return captured[0]
-        raise RuntimeError("The forward pass reached no adapted layer, so no locator feature was taken.")
+        if not captured:
+            raise RuntimeError("The forward pass reached no adapted layer, so no locator feature was taken.")
+        return captured[0]
 
     @torch.no_grad()
     def task_probabilities(self, *args: Any, **batch: Any) -> torch.Tensor:

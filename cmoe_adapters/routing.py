@@ -53,6 +53,8 @@ class RoutingState:
     ``feature_hook``, when set, is called once per forward pass by the first adapted layer that
     runs, with that layer's input: the task locator's feature is taken there, and the hook may set
     ``task`` before any layer routes. ``bypass`` makes every adapted layer act as its base layer.
+    ``feature_only`` marks a pass that only wants that feature (``locate_tasks``): after the hook,
+    the adapted layers skip their work and output zeros, since the pass's output is discarded.
     With ``track_usage``, each layer counts the top-k expert assignments of its tokens.
     """
 
@@ -66,6 +68,7 @@ class RoutingState:
     aux_gradient_scale: float = 1.0  # what the caller's loss is divided by (gradient accumulation)
     feature_hook: Callable[[torch.Tensor], None] | None = None
     bypass: bool = False
+    feature_only: bool = False
     track_usage: bool = False
 
     any_base: bool = False

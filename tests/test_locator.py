@@ -226,3 +226,37 @@ def test_stacked_scoring_equals_scoring_each_density_alone(density):
     ).amin(0)
     torch.testing.assert_close(assessment.novelty, novelty)
     assert torch.equal(assessment.unknown, novelty > 3.0)
+
+
+def test_locating_runs_no_adapted_layer_past_the_feature_and_no_exception(model, monkeypatch):
+    """`locate_tasks` takes the first adapted layer's input; later adapted layers do no work."""
+    from cmoe_adapters.experts import ContinualMoELayer
+
+    layers = [m for m in model.modules() if isinstance(m, ContinualMoELayer)]
+    first_inputs: list[torch.Tensor] = []
+    layers[0].register_forward_pre_hook(lambda _, args: first_inputs.append(args[0]))
+    base_calls = [0]
+    for layer in layers:
+        layer.get_base_layer().register_forward_hook(lambda *_: base_calls.__setitem__(0, base_calls[0] + 1))
+    raised: list[BaseException] = []
+    original = ContinualMoELayer.forward
+
+    def watched(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except BaseException as error:  # the old design stopped the pass with an exception
+            raised.append(error)
+            raise
+
+    monkeypatch.setattr(ContinualMoELayer, "forward", watched)
+    ids = task_batch("mid", 4, seed=5)
+    features = model.locator_features(input_ids=ids)
+    assert base_calls[0] == 0 and not raised
+    assert len(first_inputs) == 1
+    assert torch.equal(
+        features, model.base_model._pool(first_inputs[0], model.base_model._prompt_masks({"input_ids": ids}))
+    )
+    assert model.locate_tasks(input_ids=ids) == ["mid"] * 4
+    base_calls[0] = 0
+    model(input_ids=ids, task="mid")  # an ordinary pass still runs every layer
+    assert base_calls[0] == len(layers)
