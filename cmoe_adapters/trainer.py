@@ -29,7 +29,13 @@ import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    SaveStrategy,
+    enable_full_determinism,
+    get_last_checkpoint,
+    set_seed,
+)
 
 from . import hub, shards, zero3
 from ._compat import activation_checkpointing, with_checkpointing_kwargs
@@ -254,6 +260,7 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         checkpoint = (
             get_last_checkpoint(task_dir) if resume_from_checkpoint and os.path.isdir(task_dir) else None
         )
+        self._seed_task(len(self._seen) - 1)
         if cmoe is None:  # a plain peft model (the sequential-LoRA baseline): train, nothing else
             output = self._run_training(task.train_dataset, task_dir, checkpoint)
             log.update({"train_loss": output.training_loss, **output.metrics})
@@ -267,6 +274,19 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
             log.update({"train_loss": output.training_loss, **output.metrics, **session.log})
         self._finish_task(task, log)
         return self.result
+
+    def _seed_task(self, index: int) -> None:
+        """Seed every random generator from ``args.seed`` and the task's position in the stream.
+
+        What a task draws (data order, dropout, ...) then depends on nothing that ran before it,
+        so a task restarted after a crash (resumed with no checkpoint of its own) trains exactly as
+        it did in an uninterrupted run; a resumed checkpoint restores the generators it saved.
+        """
+        seed = self.args.seed + 1_000_003 * index
+        if self.args.full_determinism:
+            enable_full_determinism(seed)
+        else:
+            set_seed(seed)
 
     def _run_training(self, dataset: Any, output_dir: str, checkpoint: str | None = None, **overrides: Any):
         """One `Trainer.train` on `dataset` with a fresh optimizer, scheduler and model wrapper."""
