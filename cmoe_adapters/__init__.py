@@ -13,6 +13,8 @@ from ._peft import CONTINUAL_MOE, register_with_peft  # noqa: E402
 from .aux_loss import RouterAuxLossMixin  # noqa: E402
 from .config import ContinualMoEConfig  # noqa: E402
 from .experts import ContinualMoELayer  # noqa: E402
+from .fingerprint import BaseModelMismatchError, BaseModelMismatchWarning  # noqa: E402
+from .integrity import AdapterFileError, AdapterSaveError  # noqa: E402
 from .locator import TaskLocation  # noqa: E402
 from .model import ContinualMoEModel  # noqa: E402
 from .results import ContinualResult  # noqa: E402
@@ -24,6 +26,10 @@ register_with_peft(ContinualMoEConfig, ContinualMoEModel)
 
 __all__ = [
     "CONTINUAL_MOE",
+    "AdapterFileError",
+    "AdapterSaveError",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
     "ContinualMoEConfig",
     "ContinualMoELayer",
     "ContinualMoEModel",

@@ -38,6 +38,10 @@ def register_with_peft(config_cls: type, model_cls: type) -> None:
     )
     for table, value in registrations:
         table[CONTINUAL_MOE] = value
+    # peft reads and writes the adapter's files before any code of this library runs (see integrity)
+    from .integrity import install_peft_guards
+
+    install_peft_guards()
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -8,13 +8,15 @@ same experts and routers from it before the weights are read.
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft import PeftConfig
 
-from . import shards
+from . import fingerprint, integrity, shards
 from ._peft import CONTINUAL_MOE
 from .densities import DENSITIES
 from .features import POOLINGS
@@ -27,6 +29,33 @@ PRESETS: tuple[str, ...] = ("default", "llava_cmoe", "cl_moe")
 # component, made a little stricter (no spaces, no leading dash) so it is also a safe directory name.
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MAX_TASK_NAME = 100
+
+# Fields that decide which tensors an adapter has and what they mean: an adapter_config.json that
+# differs from the copy saved with the weights in one of these does not describe those weights.
+STRUCTURE_FIELDS = frozenset(
+    {
+        "peft_type",
+        "r",
+        "num_experts",
+        "experts_per_task",
+        "router_max_experts",
+        "target_modules",
+        "exclude_modules",
+        "modules_to_save",
+        "freeze_old_experts",
+        "router_per_task",
+        "dual_router",
+        "task_gate",
+        "locator_density",
+        "locator_feature_dim",
+        "locator_feature_source",
+        "locator_pooling",
+        "locator_rank",
+        "locator_latent_dim",
+        "locator_hidden_dim",
+        "task_records",
+    }
+)
 
 
 def validate_task_name(name: object) -> str:
@@ -148,6 +177,10 @@ class ContinualMoEConfig(PeftConfig):
             counts as used when its usage share is at least ``momentum_usage_threshold / E``.
         task_records: the grown structure, one record per task in order (written by ``add_task``;
             leave it empty when creating a config).
+        base_model_fingerprint: the base model the adapter was created on: its architecture, the
+            shapes of the adapted layers and a digest of two of their weights (written when the
+            adapter is created, checked when it is loaded; see `cmoe_adapters.fingerprint`; leave it
+            None).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -228,6 +261,9 @@ class ContinualMoEConfig(PeftConfig):
     task_records: list[dict[str, Any]] = field(
         default_factory=list, metadata={"help": "The tasks learnt so far and the experts each added (state)."}
     )
+    base_model_fingerprint: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The base model the adapter was created on (state)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -258,12 +294,74 @@ class ContinualMoEConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+        cls,
+        pretrained_model_name_or_path: str,
+        subfolder: str | None = None,
+        strict_base_check: bool | None = None,
+        **kwargs: Any,
     ) -> ContinualMoEConfig:
-        """peft's loading, plus where it was loaded from, so that loading finds the task shards."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """peft's loading, plus where it was loaded from (so that loading finds the task shards),
+        and the checks of `integrity` on the config and the main file before peft reads it.
+
+        ``strict_base_check=True`` (also given to ``PeftModel.from_pretrained``) makes a base model
+        with other weights than the adapter's an error rather than a warning (see `fingerprint`).
+        """
+        source = shards.source_for(pretrained_model_name_or_path, subfolder, **kwargs)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            invalid = str(error).startswith(f"Invalid {cls.__name__}")
+            if isinstance(error, integrity.AdapterFileError) or not invalid:
+                raise
+            label = integrity.describe_source(source, integrity.CONFIG_FILE)
+            raise integrity.AdapterFileError(
+                f"{label} was damaged or edited: it is not a valid {cls.__name__}. {error}\n"
+                f"{integrity.recovery_hint(source)}"
+            ) from error
         shards.remember_source(config, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        fingerprint.set_strict(config, strict_base_check)
+        manifest = shards.check_main_file(config)
+        if manifest is not None and manifest.get("config") is not None:
+            config._check_saved_copy(manifest["config"], source)
         return config
+
+    def _check_saved_copy(self, saved: dict[str, Any], source: shards.ShardSource) -> None:
+        """Compare this loaded config with the copy of ``adapter_config.json`` saved with the weights.
+
+        A difference in what shapes the tensors (`STRUCTURE_FIELDS`) means the file does not describe
+        the weights: an error. Any other difference is an edit or damage that loads: a warning.
+        """
+        loaded = json.loads(json.dumps(self.to_dict(), default=str))
+        differing = sorted(
+            key
+            for key in set(saved) & set(loaded)
+            if key not in shards.CONFIG_COPY_IGNORED and saved[key] != loaded[key]
+        )
+        if not differing:
+            return
+        label = integrity.describe_source(source, integrity.CONFIG_FILE)
+
+        def show(key: str) -> str:
+            def short(value: Any) -> str:
+                text = repr(value)
+                return text if len(text) <= 120 else text[:117] + "..."
+
+            return f"{key}={short(loaded[key])} (saved with the weights: {short(saved[key])})"
+
+        structural = [key for key in differing if key in STRUCTURE_FIELDS]
+        if structural:
+            raise integrity.AdapterFileError(
+                f"{label} does not describe the weights saved with it: "
+                + "; ".join(show(key) for key in structural)
+                + f". It was damaged or edited. {integrity.recovery_hint(source, self.task_names)}"
+            )
+        warnings.warn(
+            f"{label} differs from the copy saved with the weights: "
+            + "; ".join(show(key) for key in differing)
+            + ". Loading with the file's values; if this was not an edit of yours, the file is damaged.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -387,6 +485,8 @@ class ContinualMoEConfig(PeftConfig):
         fraction = self.locator_calibration_fraction
         if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
             errors.append(f"locator_calibration_fraction={fraction!r}: must be in (0, 1).")
+        if self.base_model_fingerprint is not None and not isinstance(self.base_model_fingerprint, dict):
+            errors.append("base_model_fingerprint is written when the adapter is created; leave it None.")
         if not isinstance(self.task_records, list):
             errors.append("task_records must be a list (it is written by add_task; leave it empty).")
         else:

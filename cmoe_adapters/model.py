@@ -23,7 +23,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from . import ddp, shards
+from . import ddp, fingerprint, shards
 from ._peft import PREFIX
 from .architectures import candidate_summary, default_target_modules, linear_layer_names
 from .config import ContinualMoEConfig
@@ -65,6 +65,7 @@ class ContinualMoEModel(TaskRegistry, ExpertUsage, TaskRouting, LocatorControl, 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, **kwargs)
         config = self.peft_config[adapter_name]
+        fingerprint.record_or_check(model, config)  # of the base model the adapter belongs to
         device = next((p.device for p in model.parameters()), None)
         self.cmoe_locator[adapter_name] = TaskLocator(config.locator_density).to(device)
         if config.locator_feature_dim is not None:

@@ -51,7 +51,7 @@ TASK_KEYS: dict[str, str] = {
 FORMATS = ("auto", "llava", "coin")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # written by training, never by hand
-ADAPTER_STATE_FIELDS = ("task_records", "locator_feature_dim")
+ADAPTER_STATE_FIELDS = ("task_records", "locator_feature_dim", "base_model_fingerprint")
 # TrainingArguments fields holding paths, resolved against the run file's directory like the others
 TRAINING_PATH_FIELDS = ("output_dir",)
 # TrainingArguments fields the continual trainer or the command line decides: (allowed value, why)

@@ -443,6 +443,7 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         if cmoe is not None:
             cmoe.replay_tasks(PeftConfig.from_pretrained(last))
             shards.remember_source(cmoe._config, last)  # the finished tasks' shard files are there
+            shards.check_main_file(cmoe._config)  # a clear error before peft reads a damaged file
         self.model.load_adapter(last, adapter_name=self.model.active_adapter, is_trainable=True)
         self.result = saved
         by_name = {task.name: task for task in tasks}

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+
+# One thread per process: on a small machine (CI has 2 cores) torch's intra-op thread pool costs
+# far more than it gains on these tiny models, 3-4x slower with two threads competing with other
+# work. The subprocesses the tests start (examples, scripts, torchrun) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 import transformers
 
 import cmoe_adapters  # noqa: F401  (registers the method with peft)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 

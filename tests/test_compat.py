@@ -17,7 +17,8 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_llama
-from peft import get_peft_model, mapping
+from peft import PeftModel, get_peft_model, mapping
+from peft.config import PeftConfigMixin
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from tiny_vlms import build_tiny_vlm
 from transformers import DynamicCache, Trainer, TrainingArguments
@@ -48,6 +49,10 @@ PROTECTED_HOOKS = [
     (BaseTuner, "inject_adapter", ["model", "adapter_name"]),
     (BaseTunerLayer, "_cast_input_dtype", ["x", "dtype"]),
     (Trainer, "_prepare_inputs", ["inputs"]),
+    # peft functions `integrity.install_peft_guards` wraps (peft reads and writes files before us)
+    (PeftConfigMixin, "from_json_file", ["path_json_file"]),
+    (PeftConfigMixin, "_get_peft_type", ["model_id"]),
+    (PeftModel, "save_pretrained", ["save_directory"]),
 ]
 
 

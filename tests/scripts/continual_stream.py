@@ -22,6 +22,7 @@ from synthetic_stream import TASKS, TokenCollator, answer_accuracy, records  # n
 from transformers import TrainerCallback  # noqa: E402
 
 from cmoe_adapters import ContinualMoEConfig, ContinualMoETrainer, ContinualTrainingArguments, Task, zero3  # noqa: E402
+from cmoe_adapters._compat import checkpointing_argument  # noqa: E402
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,6 +60,17 @@ def record_writes_under(root: str) -> list[str]:
     wrap(safetensors.torch, "save_file", [1])
     wrap(torch, "save", [1])
     return written
+
+
+class AuxLossLog(TrainerCallback):
+    """Every balancing-loss value the trainer logs, across all tasks (each task is one train())."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "router_aux_loss" in logs:
+            self.values.append(logs["router_aux_loss"])
 
 
 class KillAt(TrainerCallback):
@@ -116,11 +128,14 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="train one plain peft LoRA (the baseline)")
     parser.add_argument("--preset", choices=["llava_cmoe", "cl_moe"], default=None)
     parser.add_argument("--starve-rank", type=int, default=None, help="no tokens for experts 1+ on this rank")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (reentrant)")
+    parser.add_argument("--faults", default=None, help="comma-separated kill points (see fault_points.py)")
     args = parser.parse_args()
 
     written = record_writes_under(args.output_dir) if args.dump else []
     torch.manual_seed(0)
-    settings = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100}
+    # a strong balancing loss, so that a run that lost (or doubled) it could not match one that kept it
+    settings = {"r": 4, "num_experts": 2, "top_k": 1, "locator_steps": 100, "router_aux_loss_coef": 0.5}
     make_config = getattr(ContinualMoEConfig, args.preset) if args.preset else ContinualMoEConfig
     config = make_config(**settings)
     if args.lora:  # the forgetting baseline: one shared LoRA on the same layers
@@ -140,15 +155,20 @@ def main() -> None:
         seed=0,
         ddp_backend="gloo" if args.ddp else None,
         deepspeed=deepspeed_config(args.zero_stage) if args.zero_stage is not None else None,
+        **(checkpointing_argument(True) if args.checkpointing else {}),
     )
     starved = None
     if args.starve_rank is not None:
         starved = starve_experts_on(args.starve_rank, training_args.process_index)
     trainer_ref: list = []
-    callbacks = []
+    callbacks: list = [AuxLossLog()]
     if args.kill_at:
         task, step = args.kill_at.split(":")
         callbacks.append(KillAt(trainer_ref, task, int(step)))
+    if args.faults:
+        from fault_points import Faults
+
+        callbacks += Faults(args.faults.split(","), args.output_dir).install()
     trainer = ContinualMoETrainer(
         model=model, args=training_args, data_collator=TokenCollator(), callbacks=callbacks
     )
@@ -168,6 +188,7 @@ def main() -> None:
                 if "cmoe_" in k or "lora_" in k
             }
         dump = {"state": state, "matrix": result.accuracy_matrix, "written": sorted(set(written))}
+        dump["router_aux_loss"] = callbacks[0].values
         if starved is not None:
             dump["tokens_to_other_experts"] = starved[0]
         torch.save(dump, os.path.join(args.dump, f"rank{rank}.pt"))

@@ -1,0 +1,104 @@
+"""Fault injection: a stream killed by SIGKILL at any moment of a task's life resumes bit-identically.
+
+Each chain runs the three-task stream of ``scripts/continual_stream.py`` in a fresh process with
+``--resume`` until it finishes, and the process is killed at the next moment of its fault list
+each time (see ``scripts/fault_points.py``): several moments per phase, many kills per stream, two
+in one task. The adapters (every expert, router, usage statistic and locator) and the accuracy
+matrix it ends with must equal an uninterrupted run's exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmoe_adapters.results import ContinualResult
+
+SCRIPT = Path(__file__).parent / "scripts" / "continual_stream.py"
+TIMEOUT_S = 600
+
+CHAINS = {
+    # LLaVA-CMoE: a probe phase before each later task (its own training steps and expert choice)
+    "llava_cmoe": [
+        "add:low",  # the first task's experts exist, nothing is saved yet
+        "train:low:3",  # before the task's first checkpoint (save_steps=8)
+        "locator:low",
+        "eval:low:1",  # the task is trained and its locator fitted, but not saved
+        "probe:mid:2",
+        "train:mid:12",  # after a checkpoint
+        "staged:mid",  # the same task killed twice, the second time in its save
+        "add:high",
+        "locator:high",
+        "eval:high:3",  # in the last task's evaluation, after two of its three tasks
+    ],
+    # CL-MoE: the momentum merge and the task gate's usage statistics at every task's end
+    "cl_moe": [
+        "train:low:16",  # at a checkpoint's step
+        "saved:low",  # the task's folder is in place, results.json does not name it yet
+        "add:mid",
+        "train:mid:5",
+        "eval:mid:2",
+        "train:high:20",
+        "staged:high",
+    ],
+}
+
+
+def run_stream(output_dir: Path, preset: str, *options: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(SCRIPT), str(output_dir), "--preset", preset, *options]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def finished_dump(folder: Path) -> dict:
+    return torch.load(folder / "rank0.pt")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``uninterrupted(preset)``: the dump of the stream run once without a fault (once per module)."""
+    dumps: dict[str, dict] = {}
+
+    def run(preset: str) -> dict:
+        if preset not in dumps:
+            folder = tmp_path_factory.mktemp(f"uninterrupted-{preset}")
+            finished = run_stream(folder / "out", preset, "--dump", str(folder / "dump"))
+            assert finished.returncode == 0, finished.stderr[-6000:]
+            dumps[preset] = finished_dump(folder / "dump")
+        return dumps[preset]
+
+    return run
+
+
+@pytest.mark.parametrize("preset", sorted(CHAINS))
+def test_a_stream_killed_at_every_phase_resumes_bit_identically(preset, uninterrupted, tmp_path):
+    faults = CHAINS[preset]
+    output_dir = tmp_path / "out"
+    kills = 0
+    while True:
+        finished = run_stream(
+            output_dir, preset, "--resume", "--faults", ",".join(faults), "--dump", str(tmp_path / "dump")
+        )
+        if finished.returncode == 0:
+            break
+        assert finished.returncode == -9, f"run {kills + 1} failed:\n{finished.stderr[-6000:]}"
+        kills += 1
+        assert kills <= len(faults), "a fault fired twice"
+    fired = (output_dir / "faults_fired").read_text().split()
+    assert fired == faults and kills == len(faults), "every fault killed exactly one run, in order"
+
+    reference, resumed = uninterrupted(preset), finished_dump(tmp_path / "dump")
+    assert resumed["matrix"] == reference["matrix"]
+    assert resumed["state"].keys() == reference["state"].keys()
+    different = [
+        key for key, value in reference["state"].items() if not torch.equal(value, resumed["state"][key])
+    ]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert ContinualResult.load(str(output_dir)).tasks == ["low", "mid", "high"]
+    leftovers = [name for name in os.listdir(output_dir) if name.endswith((".saving", ".old"))]
+    assert not leftovers, f"an interrupted save left {leftovers} behind"
