@@ -48,14 +48,16 @@ class RouterAuxLossMixin:
             configured = self.args.gradient_accumulation_steps
             steps = getattr(self, "current_gradient_accumulation_steps", configured)
         cmoe.set_aux_loss_gradient_scale(1.0 / steps)  # for the part reentrant checkpointing defers
+        value = cmoe.router_aux_loss_value()  # all layers', also those whose gradient comes in backward
+        if value is not None:
+            value = value.float() / steps  # no host sync per micro-step: `log` reads the sum once
+            self._aux_loss_sum = value if self._aux_loss_sum is None else self._aux_loss_sum + value
+            self._aux_loss_count += 1
         aux = cmoe.router_aux_loss()
         if aux is None:
             return output
         if steps != 1:
             aux = aux / steps
-        detached = aux.detach().float()  # no host sync per micro-step: `log` reads the sum once
-        self._aux_loss_sum = detached if self._aux_loss_sum is None else self._aux_loss_sum + detached
-        self._aux_loss_count += 1
         if return_outputs:
             loss, outputs = output
             return loss + aux.to(loss.dtype), outputs

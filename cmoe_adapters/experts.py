@@ -509,11 +509,14 @@ class ContinualMoELayer(nn.Module, BaseTunerLayer):
         """
         losses, name = self.routing.aux_losses, self.layer_name
         if not torch.is_grad_enabled():
-            losses.setdefault(name, None)
+            if name not in losses:  # its value is logged all the same
+                losses[name] = None
+                self.routing.aux_loss_values[name] = balancing_loss(routed, mask)
             return
         loss = balancing_loss(routed, mask)  # also in a recompute: it must repeat the first pass's ops
         if name not in losses:
             losses[name] = loss
+            self.routing.aux_loss_values[name] = loss.detach()
         elif losses[name] is None:
             self._pending_aux_loss = loss
 

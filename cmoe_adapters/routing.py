@@ -64,6 +64,8 @@ class RoutingState:
     # each layer's balancing loss of this forward, once (a recompute never adds it again); None
     # while it waits for the recompute of a reentrant activation checkpoint (see `AuxLossGradient`)
     aux_losses: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    # the same losses' values (detached), also of layers whose loss waits for the recompute: logging
+    aux_loss_values: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_loss_coef: float = 0.0
     aux_gradient_scale: float = 1.0  # what the caller's loss is divided by (gradient accumulation)
     feature_hook: Callable[[torch.Tensor], None] | None = None
@@ -85,6 +87,7 @@ class RoutingState:
         self.token_mask = token_mask
         self.feature_hook = feature_hook
         self.aux_losses.clear()
+        self.aux_loss_values.clear()
 
     def set_task(self, task: int | torch.Tensor | None) -> None:
         """Route with `task`; per-sample tasks that are all the same become one index.

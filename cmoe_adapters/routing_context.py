@@ -88,6 +88,18 @@ class TaskRouting:
             return coef * torch.stack(losses).mean()
         return coef * torch.stack(losses).sum() / len(self._routing.aux_losses)  # partly checkpointed
 
+    def router_aux_loss_value(self) -> torch.Tensor | None:
+        """The weighted balancing loss of the last training forward, detached: what to log.
+
+        Unlike `router_aux_loss` it also counts layers under reentrant activation checkpointing,
+        whose loss's gradient joins in backward, so the logged value never depends on checkpointing.
+        """
+        coef = self._config.router_aux_loss_coef
+        values = list(self._routing.aux_loss_values.values())
+        if not values or coef == 0:
+            return None
+        return coef * torch.stack(values).mean()
+
     def set_aux_loss_gradient_scale(self, scale: float) -> None:
         """What the caller divides its loss by (gradient accumulation); the balancing loss's gradient
         added inside backward under reentrant checkpointing is divided likewise. Default 1."""

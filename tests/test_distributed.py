@@ -139,8 +139,11 @@ def test_deepspeed_zero_matches_ddp_across_tasks(stage, zero_run, ddp_run):
     assert_ranks_identical(rank0, rank1)
     reference = ddp_run[0]
     assert rank0["state"].keys() == reference["state"].keys()
-    for key, value in reference["state"].items():  # the same training; only reduction order differs
-        torch.testing.assert_close(rank0["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the same training; only reduction order differs (and, for ZeRO-3, checkpointing's recompute order).
+    # Without the balancing loss (coefficient 0.5) routers would differ by up to 0.47, experts by 0.08.
+    atol = 2e-4 if stage == 3 else 1e-5
+    for key, value in reference["state"].items():
+        torch.testing.assert_close(rank0["state"][key], value, rtol=1e-4, atol=atol, msg=key)
     for row, reference_row in zip(rank0["matrix"], reference["matrix"], strict=True):
         assert row == pytest.approx(reference_row, abs=1 / 24 + 1e-6)  # at most one answer of 24 apart
     assert rank0["matrix"] == rank1["matrix"]
