@@ -41,14 +41,17 @@ from . import hub, shards, zero3
 from ._compat import activation_checkpointing, with_checkpointing_kwargs
 from .aux_loss import RouterAuxLossMixin
 from .config import validate_task_name
-from .evaluation import SeenTasksEvaluation, evaluate_seen_tasks, exact_match_accuracy
+from .evaluation import SeenTasksEvaluation, evaluate_seen_tasks, generated_score
+from .integrity import AdapterFileError
 from .lifecycle import gather_objects
 from .locator import FeatureBuffer
-from .results import ContinualResult
+from .results import ContinualResult, write_atomically
+from .scorers import get_scorer
 
 CHECKPOINTS_DIR = "checkpoints"
 LOCATOR_FEATURES = "locator_features"
 USAGE_COUNTS = "expert_usage_counts"
+PROGRESS_DIGESTS = "digests"  # in the locator-features json: the two progress files' tensor digests
 
 
 @dataclass
@@ -81,13 +84,16 @@ class Task:
 
     ``evaluate(model, eval_dataset) -> float in [0, 1]`` scores the model, which is in eval mode
     with *no task given* (it must locate). Without it, the default evaluator generates greedily
-    and scores normalised exact match on records ``{"image", "question", "answer"}``.
+    on records ``{"image", "question", "answer"}`` and scores the answers by ``metric``: a
+    benchmark's own rule (`scorers.SCORERS`, e.g. ``"vqa"`` for TextVQA; see
+    `scorers.benchmark_metric`), normalised exact match by default.
     """
 
     name: str
     train_dataset: Any
     eval_dataset: Any = None
     evaluate: Callable[[Any, Any], float] | None = None
+    metric: str = "exact_match"
 
 
 class _Subset:
@@ -167,11 +173,17 @@ class _TaskProgressInCheckpoints(TrainerCallback):
             {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()},
             os.path.join(folder, f"{LOCATOR_FEATURES}.safetensors"),
         )
-        meta = {
+        meta: dict[str, Any] = {
             f"rank{rank}": {"seen": seen, "random_state": random} for rank, (_, seen, random) in kept.items()
         }
-        with open(os.path.join(folder, f"{LOCATOR_FEATURES}.json"), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle)
+        meta[PROGRESS_DIGESTS] = {
+            USAGE_COUNTS: shards.tensor_digest(counts),
+            LOCATOR_FEATURES: shards.tensor_digest(
+                {f"rank{rank}": rows for rank, (rows, _, _) in kept.items()}
+            ),
+        }
+        # written last: a checkpoint without it was cut short (see `_last_complete_checkpoint`)
+        write_atomically(os.path.join(folder, f"{LOCATOR_FEATURES}.json"), json.dumps(meta))
 
 
 class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
@@ -257,9 +269,7 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         log: dict[str, Any] = {"task": task.name}
         self._seen[task.name] = task
         task_dir = os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, task.name)
-        checkpoint = (
-            get_last_checkpoint(task_dir) if resume_from_checkpoint and os.path.isdir(task_dir) else None
-        )
+        checkpoint = self._last_complete_checkpoint(task_dir) if resume_from_checkpoint else None
         self._seed_task(len(self._seen) - 1)
         if cmoe is None:  # a plain peft model (the sequential-LoRA baseline): train, nothing else
             output = self._run_training(task.train_dataset, task_dir, checkpoint)
@@ -359,11 +369,12 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         task = self._seen[name]
         if task.evaluate is not None:
             return float(task.evaluate(self.model, records))
-        return exact_match_accuracy(
+        return generated_score(
             self.model,
             records,
             self.data_collator,
             self._decode,
+            task.metric,
             batch_size=self._eval_batch_size(),
             max_new_tokens=getattr(self.args, "eval_max_new_tokens", 16),
         )
@@ -449,23 +460,63 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         by_name = {task.name: task for task in tasks}
         self._seen = {name: by_name[name] for name in saved.tasks}
 
+    def _last_complete_checkpoint(self, task_dir: str) -> str | None:
+        """The newest checkpoint of a task that was written to the end, its files verified.
+
+        A kill while the Trainer wrote a checkpoint leaves it without the task's progress files
+        (written last, by `_TaskProgressInCheckpoints`): the one before it is resumed instead, as
+        if the kill had come a little earlier. A damaged checkpoint is an `AdapterFileError`.
+        """
+        if not os.path.isdir(task_dir) or self.continual_model is None:
+            return get_last_checkpoint(task_dir) if os.path.isdir(task_dir) else None
+        steps = sorted(
+            (int(name[len(PREFIX_CHECKPOINT_DIR) + 1 :]), name)
+            for name in os.listdir(task_dir)
+            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+            and name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
+        )
+        for _, name in reversed(steps):
+            checkpoint = os.path.join(task_dir, name)
+            if not os.path.isfile(os.path.join(checkpoint, f"{LOCATOR_FEATURES}.json")):
+                continue  # cut short
+            try:  # under DeepSpeed the weights may be only in the engine's own files
+                if os.path.isfile(os.path.join(checkpoint, shards.MAIN_FILE)):
+                    shards.verify_adapter(checkpoint)
+                self._read_task_progress(checkpoint)
+            except AdapterFileError as error:
+                raise AdapterFileError(
+                    f"{error} It is the Trainer checkpoint {checkpoint} of the interrupted task: delete that "
+                    "folder to resume from the checkpoint before it (or from the task's start)."
+                ) from None
+            return checkpoint
+        return None
+
+    def _read_task_progress(self, checkpoint: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
+        """A checkpoint's expert-usage counts, locator features and their meta, checked by digest."""
+        stem = os.path.join(checkpoint, LOCATOR_FEATURES)
+        with open(f"{stem}.json", encoding="utf-8") as handle:
+            meta = json.load(handle)
+        loaded = {}
+        for kind, path in ((USAGE_COUNTS, os.path.join(checkpoint, f"{USAGE_COUNTS}.safetensors")),
+                           (LOCATOR_FEATURES, f"{stem}.safetensors")):  # fmt: skip
+            try:
+                loaded[kind] = load_file(path)
+            except Exception as error:  # missing, truncated, damaged header
+                raise AdapterFileError(f"{path} cannot be read ({type(error).__name__}: {error}).") from None
+            expected = meta.get(PROGRESS_DIGESTS, {}).get(kind)
+            if expected is not None and shards.tensor_digest(loaded[kind]) != expected:
+                raise AdapterFileError(f"{path} is damaged: its tensors do not match their digest.")
+        return loaded[USAGE_COUNTS], loaded[LOCATOR_FEATURES], meta
+
     def _load_task_progress(self, checkpoint: str, buffer: FeatureBuffer) -> None:
         """This process's locator features and usage counts from a checkpoint of the running task."""
         key = f"rank{self.args.process_index}"
-        usage_file = os.path.join(checkpoint, f"{USAGE_COUNTS}.safetensors")
-        if os.path.exists(usage_file):
-            counts = load_file(usage_file)
-            prefix = f"{key}/"
-            mine = {name[len(prefix) :]: value for name, value in counts.items() if name.startswith(prefix)}
-            self.continual_model.restore_usage(mine)
-        stem = os.path.join(checkpoint, LOCATOR_FEATURES)
-        if not os.path.exists(f"{stem}.json"):
-            return
-        with open(f"{stem}.json", encoding="utf-8") as handle:
-            meta = json.load(handle)
+        counts, features, meta = self._read_task_progress(checkpoint)
+        prefix = f"{key}/"
+        mine = {name[len(prefix) :]: value for name, value in counts.items() if name.startswith(prefix)}
+        self.continual_model.restore_usage(mine)
         if key in meta:
-            rows = load_file(f"{stem}.safetensors")[key]
-            buffer.restore(rows, meta[key]["seen"], meta[key]["random_state"])
+            buffer.restore(features[key], meta[key]["seen"], meta[key]["random_state"])
 
     # -- optimizer ------------------------------------------------------------------------------
 
@@ -515,6 +566,11 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
                 )
                 continue
             self._check_dataset(task, "eval_dataset", task.eval_dataset)
+            if task.evaluate is None:
+                try:
+                    get_scorer(task.metric)
+                except ValueError as error:
+                    raise ValueError(f"Task {task.name!r}: {error}") from None
             if task.evaluate is None and not (
                 hasattr(self.data_collator, "generation_inputs")
                 and hasattr(self.processing_class, "batch_decode")

@@ -16,11 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import FakeHub
+from peft import PeftModel
 
 from cmoe_adapters.results import ContinualResult
 
+pytest_plugins = ["hub_server"]  # the `hub_server` fixture
+
 SCRIPT = Path(__file__).parent / "scripts" / "continual_stream.py"
 TIMEOUT_S = 600
+HUB_REPO = "tester/faulty-stream"
+PUSHING = {"cl_moe"}  # the chains that push every task to a (fake) Hub
 
 CHAINS = {
     # LLaVA-CMoE: a probe phase before each later task (its own training steps and expert choice)
@@ -31,6 +37,7 @@ CHAINS = {
         "eval:low:1",  # the task is trained and its locator fitted, but not saved
         "probe:mid:2",
         "train:mid:12",  # after a checkpoint
+        "checkpoint:mid:16",  # while a checkpoint is written: the one before it is resumed
         "staged:mid",  # the same task killed twice, the second time in its save
         "add:high",
         "locator:high",
@@ -43,14 +50,25 @@ CHAINS = {
         "add:mid",
         "train:mid:5",
         "eval:mid:2",
+        "push:mid",  # its commit is on the Hub, its tag is not
+        "checkpoint:high:8",  # the task's first checkpoint cut short: the task restarts
         "train:high:20",
         "staged:high",
     ],
 }
 
 
-def run_stream(output_dir: Path, preset: str, *options: str) -> subprocess.CompletedProcess:
+def run_stream(
+    output_dir: Path, preset: str, *options: str, hub: FakeHub | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+    if hub is not None:  # the process pushes every task to the fake Hub this test serves
+        home = output_dir.parent / "hf_home"
+        env.update(
+            HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, HF_TOKEN=hub.token, HF_HOME=str(home),
+            HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+        )  # fmt: skip
+        options = (*options, "--hub-model-id", HUB_REPO)
     command = [sys.executable, str(SCRIPT), str(output_dir), "--preset", preset, *options]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
@@ -76,14 +94,14 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", sorted(CHAINS))
-def test_a_stream_killed_at_every_phase_resumes_bit_identically(preset, uninterrupted, tmp_path):
+def test_a_stream_killed_at_every_phase_resumes_bit_identically(preset, uninterrupted, tmp_path, request):
     faults = CHAINS[preset]
+    hub = request.getfixturevalue("hub_server") if preset in PUSHING else None
     output_dir = tmp_path / "out"
     kills = 0
     while True:
-        finished = run_stream(
-            output_dir, preset, "--resume", "--faults", ",".join(faults), "--dump", str(tmp_path / "dump")
-        )
+        options = ["--resume", "--faults", ",".join(faults), "--dump", str(tmp_path / "dump")]
+        finished = run_stream(output_dir, preset, *options, hub=hub)
         if finished.returncode == 0:
             break
         assert finished.returncode == -9, f"run {kills + 1} failed:\n{finished.stderr[-6000:]}"
@@ -102,3 +120,14 @@ def test_a_stream_killed_at_every_phase_resumes_bit_identically(preset, uninterr
     assert ContinualResult.load(str(output_dir)).tasks == ["low", "mid", "high"]
     leftovers = [name for name in os.listdir(output_dir) if name.endswith((".saving", ".old"))]
     assert not leftovers, f"an interrupted save left {leftovers} behind"
+    if hub is not None:  # every task's revision on the Hub is its local save, main the last one
+        from conftest import tiny_llama
+
+        for revision, folder in [("low", "low"), ("mid", "mid"), ("high", "high"), ("main", "high")]:
+            pulled = PeftModel.from_pretrained(tiny_llama(), HUB_REPO, revision=revision, token=hub.token)
+            local = PeftModel.from_pretrained(tiny_llama(), output_dir / folder)
+            for (key, value), (_, expected) in zip(
+                pulled.state_dict().items(), local.state_dict().items(), strict=True
+            ):
+                assert torch.equal(value, expected), (revision, key)
+        assert not (output_dir / "hub_pending.json").exists(), "nothing is left to push"

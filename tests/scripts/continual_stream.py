@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--starve-rank", type=int, default=None, help="no tokens for experts 1+ on this rank")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (reentrant)")
     parser.add_argument("--faults", default=None, help="comma-separated kill points (see fault_points.py)")
+    parser.add_argument("--hub-model-id", default=None, help="push every task (HF_ENDPOINT, HF_TOKEN)")
     args = parser.parse_args()
 
     written = record_writes_under(args.output_dir) if args.dump else []
@@ -156,6 +157,7 @@ def main() -> None:
         ddp_backend="gloo" if args.ddp else None,
         deepspeed=deepspeed_config(args.zero_stage) if args.zero_stage is not None else None,
         **(checkpointing_argument(True) if args.checkpointing else {}),
+        **({"push_to_hub": True, "hub_model_id": args.hub_model_id} if args.hub_model_id else {}),
     )
     starved = None
     if args.starve_rank is not None:

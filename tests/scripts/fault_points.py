@@ -5,6 +5,8 @@ A fault is ``PHASE:TASK[:N]``:
 * ``add:T``          right after task T was added to the model (new experts and router exist, nothing saved);
 * ``probe:T:N``      at step N of T's probe phase (LLaVA-CMoE's expansion);
 * ``train:T:N``      at training step N of task T (before or after its first checkpoint);
+* ``checkpoint:T:N`` while task T's checkpoint of step N is written (the Trainer's files are, the task's
+                     progress files are not);
 * ``locator:T``      as T's task locator starts fitting;
 * ``eval:T:N``       at the N-th task scored in the evaluation after T;
 * ``staged:T``       after T's adapter was saved to its staging folder, before it replaces the last one;
@@ -31,7 +33,7 @@ from cmoe_adapters import hub
 from cmoe_adapters.locator import TaskLocator
 from cmoe_adapters.results import ContinualResult
 
-PHASES = ("add", "probe", "train", "locator", "eval", "staged", "saved", "push")
+PHASES = ("add", "probe", "train", "checkpoint", "locator", "eval", "staged", "saved", "push")
 
 
 class Faults:
@@ -87,6 +89,14 @@ class Faults:
 
             setattr(owner, name, wrapper)
 
+        progress = cmoe_adapters.trainer._TaskProgressInCheckpoints
+        before(
+            progress,
+            "on_save",
+            lambda self, args, state, control, **_: faults.reached(
+                "checkpoint", os.path.basename(os.path.normpath(args.output_dir)), state.global_step
+            ),
+        )
         model_class = cmoe_adapters.model.ContinualMoEModel
         after(model_class, "add_task", lambda self, name, **_: faults.reached("add", name))
         before(TaskLocator, "fit", lambda self, index, name, *a, **k: faults.reached("locator", name))
