@@ -344,7 +344,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_collator=collator,
         processing_class=processor,
     )
-    tasks = [Task(spec.name, data[spec.name]["train"], data[spec.name]["eval"]) for spec in config.tasks]
+    tasks = [
+        Task(spec.name, data[spec.name]["train"], data[spec.name]["eval"], metric=spec.metric)
+        for spec in config.tasks
+    ]
     result = trainer.train_tasks(tasks, resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         print("\n" + result.markdown())
@@ -368,7 +371,7 @@ def _percent(value: float | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_seen_tasks, exact_match_accuracy
+    from .evaluation import evaluate_seen_tasks, generated_score
     from .metrics import locator_accuracy, open_set_rate
 
     config = load_run_config(args.config, "eval")
@@ -407,12 +410,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     decode = getattr(processor, "batch_decode", None) or processor.tokenizer.batch_decode
     oracle = args.oracle or bool(config.training.get("eval_oracle"))
 
+    metrics = {spec.name: spec.metric for spec in config.tasks}
+
     def score(name: str, records: Sequence[Any]) -> float:
-        return exact_match_accuracy(
+        return generated_score(
             model,
             records,
             collator,
             lambda tokens: decode(tokens, skip_special_tokens=True),
+            metrics[name],
             batch_size=config.eval_batch_size,
             max_new_tokens=config.eval_max_new_tokens,
         )
@@ -444,6 +450,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": config.model,
         "tasks": evaluated,
         "accuracy": [accuracy[name] for name in evaluated],
+        "metrics": [metrics[name] for name in evaluated],
         "average": average,
         "oracle_accuracy": [oracle_accuracy[name] for name in evaluated] if oracle else None,
         "oracle_average": sum(oracle_accuracy.values()) / len(oracle_accuracy) if oracle else None,

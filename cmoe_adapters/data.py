@@ -9,13 +9,19 @@ Records are plain dicts, one of
 ``image`` is a PIL image or a path. The collator renders each record with the processor's own
 chat template, so the same code serves LLaVA, Qwen2-VL, Idefics3 and the others; only assistant
 turns are learnt (prompt, image and padding positions get label -100).
+
+Truncation (``max_length``) never cuts what is learnt nor the image: a sample longer than
+``max_length`` (counted after the processor has expanded its image placeholders) loses text from
+the middle of its user turns, and a sample that cannot fit even without any user text is refused
+with a `DataError` naming the record (see `VisionLanguageCollator`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -156,6 +162,47 @@ def reference_answer(record: Mapping[str, Any]) -> Any:
     return turns[-1]["value"]
 
 
+def record_name(record: Mapping[str, Any]) -> str:
+    """How an error names a record: its ``id`` or ``question_id``, else the start of its question."""
+    for key in ("id", "question_id"):
+        if record.get(key) is not None:
+            return f"record {key}={record[key]!r}"
+    question = record.get("question")
+    if question is None and record.get("conversations"):
+        question = record["conversations"][0].get("value")
+    text = " ".join(str(question).split()) if question is not None else "?"
+    return f"record {text[:60]!r}" + ("..." if len(text) > 60 else "")
+
+
+def _cut_middle(text: str, units: Sequence[tuple[int, int]], remove: int) -> str:
+    """`text` without `remove` of its `units` (token character spans), taken from the middle.
+
+    The head and the tail survive: a question's opening and its closing instruction (ScienceQA's
+    options and "Answer with the option's letter...") matter more than a long context between them.
+    """
+    if remove <= 0:
+        return text
+    keep = len(units) - remove
+    if keep <= 0:
+        return ""
+    head = keep // 2
+    left = text[: units[head - 1][1]].rstrip() if head else ""
+    right = text[units[len(units) - (keep - head)][0] :].lstrip()
+    return f"{left} {right}" if left and right else left or right
+
+
+def _level(remaining: Sequence[int], excess: int) -> int:
+    """The highest per-turn length ``L`` such that cutting every turn down to ``L`` removes `excess`."""
+    low, high = 0, max(remaining)  # removing everything (L = 0) is the caller's last resort
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(max(0, n - mid) for n in remaining) >= excess:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 class VisionLanguageCollator:
     """Records -> model inputs through the model's processor (chat template included).
 
@@ -163,6 +210,21 @@ class VisionLanguageCollator:
     followed by the end-of-sequence token); ``collator.generation_inputs(records)`` gives the
     prompts up to the last assistant turn, for ``model.generate``. Padding is on the left, so every
     prompt ends where generation starts.
+
+    Truncation policy, with ``max_length`` (tokens, image tokens included):
+
+    * never cut: the image tokens (the model needs exactly as many as the vision tower produces),
+      the chat template's own tokens, and every assistant turn with its end-of-sequence token (what
+      is learnt);
+    * cut instead: the text of the user turns, from the middle of each (its head and tail stay), the
+      longest turns first, down to a common length, until the sample fits;
+    * refuse: a sample that is still too long with no user text left raises `DataError` naming the
+      record and its token counts (raise ``max_length`` or drop the record).
+
+    `generation_inputs` applies the same policy to the prompt alone (up to the generation prompt),
+    so that a prompt never exceeds ``max_length`` either and loses the same part of its question.
+    A sample that fits is never changed; processors are never asked to truncate (they would cut
+    the end, where the answer is).
     """
 
     def __init__(self, processor: Any, max_length: int | None = None) -> None:
@@ -259,36 +321,149 @@ class VisionLanguageCollator:
             if len(images) != len(records):
                 raise DataError("A batch mixes records with and without images; give every record an image.")
             kwargs["images"] = images
-        if self.max_length is not None:
-            kwargs.update(truncation=True, max_length=self.max_length)
         return dict(self.processor(**kwargs))
 
+    def _row_lengths(self, batch: Mapping[str, torch.Tensor]) -> list[int]:
+        """Tokens per row, padding excluded (image tokens as the processor expanded them)."""
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = batch["input_ids"] != self.tokenizer.pad_token_id
+        return [int(n) for n in mask.sum(dim=1).tolist()]
+
+    def _units(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the tokens of `text`; whitespace words for a tokenizer without offsets."""
+        try:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return [(int(a), int(b)) for a, b in offsets["offset_mapping"] if b > a]
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            return [match.span() for match in re.finditer(r"\S+", text)]
+
+    def _fit(self, messages: list[dict], build: Callable[[list[dict]], str], budget: int) -> list[dict]:
+        """`messages` with user text cut (see the class docstring) until `build` gives <= `budget` tokens.
+
+        Counted in text tokens of the rendered sample; seams can tokenize differently, so the cut is
+        measured on the whole text and repeated until it fits or no user text is left.
+        """
+        parts = [
+            (i, j)
+            for i, message in enumerate(messages)
+            if message["role"] == "user"
+            for j, part in enumerate(message["content"])
+            if part["type"] == "text"
+        ]
+        texts = {key: messages[key[0]]["content"][key[1]]["text"] for key in parts}
+        units = {key: self._units(text) for key, text in texts.items()}
+        removed = dict.fromkeys(parts, 0)
+        fitted = messages
+        excess = self._text_length(build(fitted)) - budget
+        while excess > 0:
+            remaining = [len(units[key]) - removed[key] for key in parts]
+            if not any(remaining):
+                break  # nothing left to cut: the caller refuses the sample
+            level = _level(remaining, excess)
+            for key, left in zip(parts, remaining, strict=True):
+                removed[key] += max(0, left - level)
+            cut = {key: _cut_middle(texts[key], units[key], removed[key]) for key in parts}
+            fitted = [
+                {
+                    **message,
+                    "content": [
+                        {**part, "text": cut[(i, j)]} if (i, j) in cut else part
+                        for j, part in enumerate(message["content"])
+                    ],
+                }
+                for i, message in enumerate(messages)
+            ]
+            excess = self._text_length(build(fitted)) - budget
+        return fitted
+
+    def _encode_within(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        messages: list[list[dict]],
+        build: Callable[[list[dict]], str],
+        what: str,
+    ) -> tuple[dict[str, torch.Tensor], list[list[dict]]]:
+        """Encode ``build(messages)`` per record, cutting samples over ``max_length`` (class docstring).
+
+        The first encoding measures each sample as the model sees it (the processor expands the
+        image placeholders); only a batch with a sample too long is encoded a second time.
+        """
+        texts = [build(m) for m in messages]
+        batch = self._encode(records, texts)
+        if self.max_length is None:
+            return batch, messages
+        lengths = self._row_lengths(batch)
+        over = [row for row, length in enumerate(lengths) if length > self.max_length]
+        if not over:
+            return batch, messages
+        messages = list(messages)
+        for row in over:
+            fixed = lengths[row] - self._text_length(texts[row])  # image tokens and special tokens added
+            messages[row] = self._fit(messages[row], build, self.max_length - fixed)
+            texts[row] = build(messages[row])
+            total = self._text_length(texts[row]) + fixed
+            if total > self.max_length:
+                raise DataError(self._too_long(records[row], messages[row], total, what))
+        batch = self._encode(records, texts)
+        for row, length in enumerate(self._row_lengths(batch)):
+            if length > self.max_length:  # the processor tokenized the cut text unlike the tokenizer
+                raise DataError(
+                    f"{record_name(records[row])}: still {length} tokens after cutting its question to "
+                    f"max_length={self.max_length}; its processor tokenizes text unlike its tokenizer."
+                )
+        return batch, messages
+
+    def _too_long(self, record: Mapping[str, Any], messages: list[dict], total: int, what: str) -> str:
+        if what == "sample":
+            answer = sum(end - start for start, end in self._spans(messages)[1])
+            parts = (
+                f"{total - answer} for the image(s) and the chat template, {answer} for the answer(s) "
+                "and end-of-sequence"
+            )
+        else:
+            parts = "the image(s) and the chat template"
+        return (
+            f"{record_name(record)}: the {what} takes {total} tokens even with the question text cut away "
+            f"entirely ({parts}), more than max_length={self.max_length}; the answer and the image "
+            "tokens are never cut. Raise max_length or drop this record."
+        )
+
     def generation_inputs(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Prompts up to (not including) the last assistant turn, left-padded, for `generate`."""
+        """Prompts up to (not including) the last assistant turn, left-padded, for `generate`.
+
+        With ``max_length``, a prompt longer than it loses the middle of its question text, as in
+        training (the class docstring), and one that cannot fit raises `DataError`.
+        """
         prompts = []
         for record in records:
             messages = to_messages(record)
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
-            prompts.append(self._render(messages, generation_prompt=True))
-        return self._encode(records, prompts)
+            prompts.append(messages)
+        batch, _ = self._encode_within(
+            records, prompts, lambda m: self._render(m, generation_prompt=True), "prompt"
+        )
+        return batch
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        texts, all_spans = [], []
+        all_messages = []
         for record in records:
-            text, spans = self._spans(to_messages(record))
-            if not spans:
+            messages = to_messages(record)
+            if not any(message["role"] == "assistant" for message in messages):
                 raise DataError(
                     f"A training record needs an answer: {dict(record).get('question', record)!r}."
                 )
-            texts.append(text)
-            all_spans.append((self._text_length(text), spans))
-        batch = self._encode(records, texts)
+            all_messages.append(messages)
+        batch, all_messages = self._encode_within(
+            records, all_messages, lambda m: self._spans(m)[0], "sample"
+        )
         ids = batch["input_ids"]
         labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, (text_length, spans) in enumerate(all_spans):
+        for row, messages in enumerate(all_messages):
+            text, spans = self._spans(messages)  # rendered and counted already: cached
             # the processor expands image placeholders before the answers: count answer spans from the end
-            shift = ids.shape[1] - text_length
+            shift = ids.shape[1] - self._text_length(text)
             for start, end in spans:
                 labels[row, shift + start : shift + end] = ids[row, shift + start : shift + end]
         batch["labels"] = labels

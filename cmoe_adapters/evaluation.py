@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import torch
 
-from .data import reference_answer
 from .metrics import confusion_matrix
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -92,6 +91,24 @@ def generate_answers(
     return answers
 
 
+def generated_score(
+    model: Any,
+    records: Sequence[Mapping[str, Any]],
+    collator: GenerationCollator,
+    decode: Callable[[torch.Tensor], list[str]],
+    metric: str = "exact_match",
+    **generation: Any,
+) -> float:
+    """Greedy answers for `records`, scored by `metric`, a benchmark's own rule (`scorers.SCORERS`)."""
+    from .scorers import score_predictions
+
+    if len(records) == 0:
+        raise ValueError("Cannot evaluate on an empty data set.")
+    return score_predictions(
+        metric, generate_answers(model, records, collator, decode, **generation), records
+    )
+
+
 def exact_match_accuracy(
     model: Any,
     records: Sequence[Mapping[str, Any]],
@@ -100,11 +117,7 @@ def exact_match_accuracy(
     **generation: Any,
 ) -> float:
     """Share of records whose greedy answer matches (normalised) their ``answer``."""
-    if len(records) == 0:
-        raise ValueError("Cannot evaluate on an empty data set.")
-    predictions = generate_answers(model, records, collator, decode, **generation)
-    hits = sum(exact_match(p, reference_answer(r)) for p, r in zip(predictions, records, strict=True))
-    return hits / len(records)
+    return generated_score(model, records, collator, decode, "exact_match", **generation)
 
 
 @dataclass

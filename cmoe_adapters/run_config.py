@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from .config import PRESETS, ContinualMoEConfig, validate_task_name
+from .scorers import SCORERS
 
 # key -> one-line meaning; the order is the order of the documentation and of the dry-run plan
 TOP_LEVEL_KEYS: dict[str, str] = {
@@ -35,7 +36,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "dtype": "'auto', 'float32', 'float16' or 'bfloat16'",
     "trust_remote_code": "allow the model's own code from the Hub",
     "image_root": "directory that relative image paths of the data files are resolved against",
-    "max_length": "truncate every tokenized sample to this many tokens",
+    "max_length": "longest tokenized sample: the question text is cut, never the answer or the image",
     "adapter": "ContinualMoEConfig fields, plus an optional preset",
     "training": "ContinualTrainingArguments fields; output_dir is required",
     "tasks": "the stream, in order (required)",
@@ -47,6 +48,7 @@ TASK_KEYS: dict[str, str] = {
     "train_format": "'auto' (default), 'llava' or 'coin'",
     "eval_format": "'auto' (default), 'llava' or 'coin'",
     "image_root": "this task's image directory (default: the top-level image_root)",
+    "metric": "how its answers are scored: a benchmark's rule (docs/scorers.md), default exact_match",
 }
 FORMATS = ("auto", "llava", "coin")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -85,6 +87,7 @@ class TaskSpec:
     train_format: str = "auto"
     eval_format: str = "auto"
     image_root: str | None = None
+    metric: str = "exact_match"
 
 
 @dataclass
@@ -579,6 +582,9 @@ def _check_tasks(check: _Checker, data: Any, run: dict[str, Any], purpose: str) 
         for key in ("train_format", "eval_format"):
             value = item.get(key, "auto")
             formats[key] = value if check.choice(f"{where}.{key}", value, FORMATS) else "auto"
+        metric = item.get("metric", "exact_match")
+        if check.choice(f"{where}.metric", metric, sorted(SCORERS)):
+            formats["metric"] = metric
         if isinstance(name, str):
             tasks.append(TaskSpec(name, paths["train"], paths["eval"], image_root=root, **formats))
     run["tasks"] = tasks

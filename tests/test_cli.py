@@ -168,6 +168,24 @@ def test_every_problem_is_reported_at_once_with_its_place(run_dir, tmp_path):
     assert "did you mean 'cosine'?" in found[6]
 
 
+def test_a_task_names_its_benchmark_metric_and_a_wrong_one_is_reported(run_dir, tmp_path):
+    path = write_yaml(
+        tmp_path,
+        f"""
+        model: {run_dir / "tiny_llava"}
+        training: {{output_dir: out}}
+        tasks:
+          - {{name: text, train: {run_dir / "data/color_train.json"}, metric: vqa}}
+          - {{name: grounding, train: {run_dir / "data/color_train.json"}, metric: grounding_io}}
+        """,
+    )
+    (message,) = problems(path)
+    assert message.startswith("tasks[1].metric (line 6): expected one of") and "'grounding_iou'?" in message
+    path.write_text(path.read_text().replace("grounding_io}", "grounding_iou}"))
+    config = load_run_config(str(path))
+    assert [task.metric for task in config.tasks] == ["vqa", "grounding_iou"]
+
+
 def test_the_config_s_own_rules_and_required_keys(tmp_path):
     (tmp_path / "model").mkdir()
     path = write_yaml(
