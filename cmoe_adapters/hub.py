@@ -145,7 +145,20 @@ def read_pending(output_dir: str) -> list[str]:
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as handle:
-        return list(json.load(handle))
+        text = handle.read()
+    try:
+        tasks = json.loads(text)
+        if not (isinstance(tasks, list) and all(isinstance(task, str) for task in tasks)):
+            raise ValueError("expected a list of task names")
+    except ValueError as error:
+        from .integrity import AdapterFileError
+
+        raise AdapterFileError(
+            f"{path} is damaged ({error}). It lists the finished tasks whose push has not succeeded; "
+            "to recover, delete it and push every finished task again: `cmoe push <output_dir> "
+            "--hub-model-id <repo>` (unchanged files are not uploaded twice)."
+        ) from None
+    return tasks
 
 
 def write_pending(output_dir: str, tasks: list[str]) -> None:

@@ -116,7 +116,17 @@ class ContinualResult:
         if os.path.isdir(path):
             path = os.path.join(path, RESULTS_JSON)
         with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+            text = handle.read()
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+            from .integrity import AdapterFileError
+
+            raise AdapterFileError(
+                f"{path} is damaged ({type(error).__name__}: {error}). It is rewritten whole after every "
+                "task; to recover, restore it from a backup, or start a new output_dir: each finished "
+                "task's folder next to it loads on its own, and its model card holds the matrix so far."
+            ) from None
 
     def markdown(self) -> str:
         """``results.md``: the accuracy matrix, the summary and the task locator's table."""

@@ -394,3 +394,63 @@ def test_other_peft_methods_save_as_before(tmp_path, monkeypatch):
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path)
     assert (tmp_path / MAIN).exists()
+
+
+# -- the trainer's own files: mid-task checkpoints, results.json, hub_pending.json ---------------------
+
+
+@pytest.fixture(scope="module")
+def one_task_with_checkpoints(tmp_path_factory):
+    """One task trained with a checkpoint every 4 steps (8 steps): checkpoint-4 and checkpoint-8."""
+    from synthetic_stream import moe_model, stream, trainer_for
+
+    root = tmp_path_factory.mktemp("checkpointed")
+    trainer = trainer_for(moe_model(), root, max_steps=8, save_strategy="steps", save_steps=4)
+    trainer.train_tasks(stream(train=32, evaluate=4)[:1])
+    return root
+
+
+def fresh_trainer(root: Path, source: Path):
+    from synthetic_stream import moe_model, trainer_for
+
+    shutil.copytree(source, root)
+    return trainer_for(moe_model(), root, max_steps=8, save_strategy="steps", save_steps=4)
+
+
+def test_a_checkpoint_cut_short_is_skipped_for_the_one_before(one_task_with_checkpoints, tmp_path):
+    trainer = fresh_trainer(tmp_path / "out", one_task_with_checkpoints)
+    task_dir = tmp_path / "out" / "checkpoints" / "low"
+    assert trainer._last_complete_checkpoint(str(task_dir)) == str(task_dir / "checkpoint-8")
+    (task_dir / "checkpoint-8" / "locator_features.json").unlink()  # the kill came before it was written
+    assert trainer._last_complete_checkpoint(str(task_dir)) == str(task_dir / "checkpoint-4")
+
+
+@pytest.mark.parametrize("damaged", ["locator_features.safetensors", "expert_usage_counts.safetensors"])
+def test_a_damaged_checkpoint_file_is_named_with_the_way_back(damaged, one_task_with_checkpoints, tmp_path):
+    trainer = fresh_trainer(tmp_path / "out", one_task_with_checkpoints)
+    checkpoint = tmp_path / "out" / "checkpoints" / "low" / "checkpoint-8"
+    data = bytearray((checkpoint / damaged).read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # the last tensor's last bytes
+    (checkpoint / damaged).write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError) as error:
+        trainer._last_complete_checkpoint(str(checkpoint.parent))
+    message = str(error.value)
+    assert f"{checkpoint / damaged} is damaged" in message
+    assert "delete that folder to resume from the checkpoint before it" in message
+    (checkpoint / damaged).write_bytes(bytes(data[:20]))  # truncated
+    with pytest.raises(AdapterFileError, match="cannot be read"):
+        trainer._last_complete_checkpoint(str(checkpoint.parent))
+
+
+def test_damaged_results_and_pending_files_name_themselves(one_task_with_checkpoints, tmp_path):
+    from cmoe_adapters import ContinualResult
+    from cmoe_adapters.hub import read_pending
+
+    out = tmp_path / "out"
+    shutil.copytree(one_task_with_checkpoints, out)
+    (out / "results.json").write_text((out / "results.json").read_text()[:-40])
+    with pytest.raises(AdapterFileError, match=r"results.json is damaged .*start a new output_dir"):
+        ContinualResult.load(str(out))
+    (out / "hub_pending.json").write_text('{"low": 1}')
+    with pytest.raises(AdapterFileError, match=r"hub_pending.json is damaged .*cmoe push"):
+        read_pending(str(out))
