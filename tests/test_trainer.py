@@ -128,7 +128,8 @@ def test_bad_streams_fail_before_any_training(tmp_path):
         trainer.train_tasks([Task("gen", (r for r in low.train_dataset))])
     with pytest.raises(ValueError, match="no evaluate= function"):
         trainer.train_tasks([Task("noeval", low.train_dataset, low.eval_dataset)])
-    with pytest.raises(ValueError, match=r"Task 'text': Unknown metric 'vqa_soft'; known metrics: exact_match, vqa, "):
+    unknown = r"Task 'text': Unknown metric 'vqa_soft'; known metrics: exact_match, vqa, "
+    with pytest.raises(ValueError, match=unknown):
         trainer.train_tasks([Task("text", low.train_dataset, low.eval_dataset, metric="vqa_soft")])
     assert trainer.continual_model.tasks == [], "nothing was added or trained"
 
