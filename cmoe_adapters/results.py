@@ -33,6 +33,14 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+# how the papers' tables name the summary values (CoIN, MCITlib: Last, Avg, BWT)
+_PAPER_NAMES = {
+    "final_average": "Last (final_average)",
+    "mean_average_accuracy": "Avg (mean_average_accuracy)",
+    "bwt": "BWT (bwt)",
+}
+
+
 @dataclass
 class ContinualResult:
     """Scores of a continual run: ``accuracy_matrix[i][j]`` is task j's score after task i."""
@@ -42,6 +50,8 @@ class ContinualResult:
     oracle_accuracy_matrix: list[list[float | None]] | None = None
     locator_confusion: list[list[int]] | None = None
     task_logs: list[dict[str, Any]] = field(default_factory=list)
+    # how each task is scored: a benchmark's metric name (`scorers`), or "custom" (a Task's evaluate=)
+    task_metrics: list[str] | None = None
 
     @property
     def final_average(self) -> float | None:
@@ -107,7 +117,10 @@ class ContinualResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContinualResult:
-        names = {"tasks", "accuracy_matrix", "oracle_accuracy_matrix", "locator_confusion", "task_logs"}
+        names = {
+            "tasks", "accuracy_matrix", "oracle_accuracy_matrix", "locator_confusion", "task_logs",
+            "task_metrics",
+        }  # fmt: skip
         return cls(**{key: value for key, value in data.items() if key in names})
 
     @classmethod
@@ -134,15 +147,21 @@ class ContinualResult:
         return self.accuracy_markdown() + ("\n" + locator if locator else "")
 
     def accuracy_markdown(self) -> str:
-        """The accuracy matrix and the summary as Markdown tables."""
+        """The accuracy matrix, each task's metric and the summary as Markdown tables.
+
+        The summary names the papers' columns: Last (the final row's average), Avg (MAA, the mean
+        of every row's average) and BWT; the matrix's last row is the per-task final row.
+        """
         lines = ["| after \\ on | " + " | ".join(self.tasks) + " |", "|---" * (len(self.tasks) + 1) + "|"]
         for name, row in zip(self.tasks, self.accuracy_matrix, strict=True):
             cells = [_percent(row[j]) if j < len(row) else "" for j in range(len(self.tasks))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if self.task_metrics:
+            lines.append("| *metric* | " + " | ".join(f"`{metric}`" for metric in self.task_metrics) + " |")
         lines += ["", "| metric | value |", "|---|---|"]
         for key, value in self.summary().items():
             if value is not None:
-                lines.append(f"| {key} | {100 * value:.1f} |")
+                lines.append(f"| {_PAPER_NAMES.get(key, key)} | {100 * value:.1f} |")
         return "\n".join(lines) + "\n"
 
     def locator_markdown(self) -> str:

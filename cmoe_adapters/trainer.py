@@ -333,6 +333,7 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         result, row, confusion = self.result, evaluation.scores, evaluation.confusion
         result.tasks.append(task.name)
         result.accuracy_matrix.append(row)
+        result.task_metrics = ["custom" if seen.evaluate else seen.metric for seen in self._seen.values()]
         if evaluation.oracle is not None:
             result.oracle_accuracy_matrix = [*(result.oracle_accuracy_matrix or []), evaluation.oracle]
         result.locator_confusion = confusion

@@ -153,3 +153,15 @@ def test_an_old_results_json_with_a_square_confusion_still_loads_and_summarises(
     assert "| a | 75.0 | 25.0 | - | 75.0 | 4 |" in markdown and "saved before the open set" in markdown
     result.save(str(tmp_path))  # and it saves again
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["open_set_rate"] is None
+
+
+def test_results_name_each_task_s_metric_and_the_papers_columns(tmp_path):
+    result = ContinualResult(
+        ["TextVQA", "ScienceQA"], [[0.5], [0.4, 0.8]], task_metrics=["vqa", "option_letter"]
+    )
+    markdown = result.markdown()
+    assert "| *metric* | `vqa` | `option_letter` |" in markdown
+    assert "| Last (final_average) | 60.0 |" in markdown  # the final row's average
+    assert "| Avg (mean_average_accuracy) | 55.0 |" in markdown and "| BWT (bwt) | -10.0 |" in markdown
+    result.save(str(tmp_path))
+    assert ContinualResult.load(str(tmp_path)).task_metrics == ["vqa", "option_letter"]

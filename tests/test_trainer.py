@@ -58,6 +58,7 @@ def test_each_task_is_saved_and_loads_back(moe_run):
     table = "| task \\ located to | low | mid | high | none (base model) |"
     assert table in (output_dir / "results.md").read_text()
     assert len(result.task_logs) == 3 and result.task_logs[0]["locator"]["task"] == "low"
+    assert result.task_metrics == ["custom"] * 3, "a Task's own evaluate= is its metric"
 
     after_mid = PeftModel.from_pretrained(tiny_llama(), output_dir / "mid")
     assert after_mid.tasks == ["low", "mid"]
