@@ -35,7 +35,8 @@ class DataError(ValueError):
     """A data file or record that cannot be used, with the file and record named."""
 
 
-def read_json_records(path: str) -> list[Any]:
+def read_json(path: str) -> Any:
+    """The parsed content of a ``.json`` file (a ``.jsonl`` file: the list of its lines), errors naming it."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file.")
     with open(path, encoding="utf-8") as handle:
@@ -43,9 +44,13 @@ def read_json_records(path: str) -> list[Any]:
     try:
         if path.endswith(".jsonl"):
             return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error}).") from None
+
+
+def read_json_records(path: str) -> list[Any]:
+    data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
     return data
@@ -57,13 +62,12 @@ def _resolve_image(
     image = record.get("image")
     if image is None:
         return None
+    name = record.get("id", record.get("question_id", "?"))  # LLaVA records: id; test records: question_id
     if not isinstance(image, str):
-        raise DataError(f"{path}: record {index} ({record.get('id', '?')}): 'image' must be a path string.")
+        raise DataError(f"{path}: record {index} ({name}): 'image' must be a path string.")
     full = image if image_root is None or os.path.isabs(image) else os.path.join(image_root, image)
     if check and not os.path.exists(full):
-        raise DataError(
-            f"{path}: record {index} ({record.get('id', '?')}): image file {full} does not exist."
-        )
+        raise DataError(f"{path}: record {index} ({name}): image file {full} does not exist.")
     return full
 
 

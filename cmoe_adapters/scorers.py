@@ -971,8 +971,12 @@ def score_predictions(metric: str, predictions: Sequence[str], records: Iterable
     return get_scorer(metric).score_all(predictions, list(records))
 
 
-def benchmark_metric(benchmark: str, task: str) -> str:
-    """The metric `task` of `benchmark` is scored with (names as in `BENCHMARK_METRICS`, any case)."""
+def resolve_benchmark_task(benchmark: str, task: str) -> tuple[str, str]:
+    """The canonical names of a benchmark and its task (any case; aliases such as RefCOCO, OCR-VQA).
+
+    Unknown names raise `ValueError` listing the known ones. The loaders (`benchmarks`) and
+    `benchmark_metric` resolve names through this one function.
+    """
     by_name = {name.lower(): name for name in BENCHMARK_METRICS}
     name = _BENCHMARK_ALIASES.get(benchmark.lower(), by_name.get(benchmark.lower()))
     if name is None:
@@ -983,4 +987,10 @@ def benchmark_metric(benchmark: str, task: str) -> str:
     found = {t.lower(): t for t in tasks}.get(task.lower()) or _TASK_ALIASES.get((name, task.lower()))
     if found is None:
         raise ValueError(f"{name} has no task {task!r}; its tasks: {', '.join(tasks)}.")
-    return tasks[found]
+    return name, found
+
+
+def benchmark_metric(benchmark: str, task: str) -> str:
+    """The metric `task` of `benchmark` is scored with (names as in `BENCHMARK_METRICS`, any case)."""
+    name, found = resolve_benchmark_task(benchmark, task)
+    return BENCHMARK_METRICS[name][found]
