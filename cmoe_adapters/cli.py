@@ -91,9 +91,16 @@ def _task_data(config: RunConfig, purpose: str) -> dict[str, dict[str, Any]]:
             path = getattr(spec, kind)
             if path is None:
                 continue
-            records, fmt = load_records(
-                path, getattr(spec, f"{kind}_format"), spec.image_root, evaluation=kind == "eval"
-            )
+            if spec.benchmark is not None:  # the benchmark's released layout, every field its scorer reads
+                from .benchmarks import load_benchmark_split
+
+                split = "test" if kind == "eval" else "train"
+                records = load_benchmark_split(spec.benchmark, spec.name, path, spec.image_root, split)
+                fmt = spec.benchmark
+            else:
+                records, fmt = load_records(
+                    path, getattr(spec, f"{kind}_format"), spec.image_root, evaluation=kind == "eval"
+                )
             entry[kind], entry[f"{kind}_format"] = records, fmt
         loaded[spec.name] = entry
     return loaded

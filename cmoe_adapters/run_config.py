@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .config import PRESETS, ContinualMoEConfig, validate_task_name
-from .scorers import SCORERS
+from .scorers import SCORERS, benchmark_metric, resolve_benchmark_task
 
 # key -> one-line meaning; the order is the order of the documentation and of the dry-run plan
 TOP_LEVEL_KEYS: dict[str, str] = {
@@ -49,6 +49,7 @@ TASK_KEYS: dict[str, str] = {
     "eval_format": "'auto' (default), 'llava' or 'coin'",
     "image_root": "this task's image directory (default: the top-level image_root)",
     "metric": "how its answers are scored: a benchmark's rule (docs/scorers.md), default exact_match",
+    "benchmark": "CoIN, UCIT, MLLM-DCL or MLLM-ACL: read its released files; its metric is the default",
 }
 FORMATS = ("auto", "llava", "coin")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -88,6 +89,7 @@ class TaskSpec:
     eval_format: str = "auto"
     image_root: str | None = None
     metric: str = "exact_match"
+    benchmark: str | None = None
 
 
 @dataclass
@@ -583,6 +585,15 @@ def _check_tasks(check: _Checker, data: Any, run: dict[str, Any], purpose: str) 
             value = item.get(key, "auto")
             formats[key] = value if check.choice(f"{where}.{key}", value, FORMATS) else "auto"
         metric = item.get("metric", "exact_match")
+        benchmark = item.get("benchmark")
+        if benchmark is not None and isinstance(name, str):
+            try:  # the task's name is the benchmark's (any case, or an alias such as RefCOCO)
+                benchmark, _ = resolve_benchmark_task(str(benchmark), name)
+            except ValueError as error:
+                check.problem(f"{where}.benchmark", str(error))
+            else:
+                formats["benchmark"] = benchmark
+                metric = item.get("metric", benchmark_metric(benchmark, name))
         if check.choice(f"{where}.metric", metric, sorted(SCORERS)):
             formats["metric"] = metric
         if isinstance(name, str):

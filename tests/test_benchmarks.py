@@ -240,3 +240,34 @@ def test_unknown_benchmarks_and_tasks_list_the_known_ones(tmp_path: Path) -> Non
         load_benchmark_split("CoOIN", "GQA", str(tmp_path))
     with pytest.raises(DataError, match=r"UCIT has no task 'GQA'; its tasks: ImageNet-R, ArxivQA, VizWiz"):
         load_benchmark_split("UCIT", "GQA", str(tmp_path))
+
+
+def test_a_run_file_task_of_a_benchmark_reads_its_files_and_is_scored_by_its_metric(data: Path) -> None:
+    """``benchmark: CoIN`` on a task of a run file: its released test file, its metric by default."""
+    from cmoe_adapters.cli import _task_data
+    from cmoe_adapters.run_config import ConfigError, load_run_config
+
+    coin = data / "CoIN"
+    run = data / "run.yaml"
+    model = "llava-hf/llava-1.5-7b-hf"  # a Hub id: evaluating needs no model to validate the run file
+    tasks = f"""
+      - {{name: TextVQA, benchmark: CoIN, eval: {coin}/Instructions_Original/TextVQA/val.json,
+          image_root: {coin}/cl_dataset}}
+      - {{name: RefCOCO, benchmark: coin, eval: {coin}/Instructions_Original/Grounding/test.json,
+          image_root: {coin}/cl_dataset, metric: box_iou}}
+    """
+    run.write_text(f"model: {model}\ntasks:{tasks}")
+    config = load_run_config(str(run), "eval")
+    assert [(t.name, t.benchmark, t.metric) for t in config.tasks] == [
+        ("TextVQA", "CoIN", "vqa"),  # the benchmark's rule by default
+        ("RefCOCO", "CoIN", "box_iou"),  # an explicit metric wins
+    ]
+    records = _task_data(config, "eval")["TextVQA"]["eval"]
+    assert records and all(len(record["answers"]) == 10 for record in records)
+    run.write_text(f"model: {model}\ntasks:{tasks.replace('benchmark: coin', 'benchmark: CoIM')}")
+    with pytest.raises(ConfigError) as error:
+        load_run_config(str(run), "eval")
+    assert any(
+        "tasks[1].benchmark" in problem and "Unknown benchmark 'CoIM'" in problem
+        for problem in error.value.problems
+    )
