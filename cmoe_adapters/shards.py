@@ -417,7 +417,14 @@ def check_main_file(config: Any) -> dict[str, Any] | None:
     hint = functools.partial(integrity.recovery_hint, source, config.task_names)
     path = source.fetch(MAIN_FILE)
     if path is None:
-        if source.fetch(PICKLE_FILE) is not None:
+        if source.fetch(PICKLE_FILE) is not None:  # a pickle carries no digest: say it is unchecked
+            warnings.warn(
+                f"{integrity.describe_source(source, PICKLE_FILE)} is a pickle save "
+                "(safe_serialization=False): it holds no digest, so damage to it cannot be found. Save "
+                "with safetensors (the default) to have every file checked when it loads.",
+                UserWarning,
+                stacklevel=2,
+            )
             return None
         raise AdapterFileError(
             f"{label} is missing: {integrity.CONFIG_FILE} is there, but not the weights of the newest "

@@ -197,7 +197,9 @@ def test_pickle_saves_keep_one_file(tmp_path):
     model = build(2)
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
-    assert_same_state(PeftModel.from_pretrained(tiny_llama(), tmp_path), model)
+    with pytest.warns(UserWarning, match=r"adapter_model.bin is a pickle save .* cannot be found"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)  # not checked, and it says so
+    assert_same_state(loaded, model)
 
 
 def test_a_named_adapter_in_a_subfolder(tmp_path):
