@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_distributed import free_port
+
+pytestmark = pytest.mark.multiprocess  # several processes: the newest dependency set only in CI
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "plain_loop_accelerate.py"

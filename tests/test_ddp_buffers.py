@@ -19,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cmoe_adapters import ContinualMoEConfig, ddp
 
+pytestmark = pytest.mark.multiprocess  # several processes: the newest dependency set only in CI
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_buffers.py"
 

@@ -23,6 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig, zero3
 
+pytestmark = pytest.mark.multiprocess  # several processes: the newest dependency set only in CI
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "continual_stream.py"
 TIMEOUT_S = 600  # a hang (e.g. a rank waiting for a gradient another rank never makes) fails the test
