@@ -298,6 +298,15 @@ def read_manifest(path: str) -> dict[str, Any] | None:
     return None if tensor is None else _decode_manifest(tensor, path)
 
 
+def _empty_with_metadata(path: str) -> bool:
+    """Whether `path` is an empty state dict with metadata as safetensors < 0.4.4 writes it.
+
+    Those versions write its header as ``{},"__metadata__":{...}}``, which they cannot parse.
+    """
+    with open(path, "rb") as handle:
+        return handle.read(11)[8:] == b"{},"
+
+
 def write_layout(directory: str, config: Any) -> list[str]:
     """Split the ``adapter_model.safetensors`` peft just wrote in `directory` into main file + shards.
 
@@ -308,11 +317,16 @@ def write_layout(directory: str, config: Any) -> list[str]:
     path = os.path.join(directory, MAIN_FILE)
     if not os.path.isfile(path):
         return []
-    with safe_open(path, framework="pt") as handle:
-        names = handle.keys()
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = handle.keys()
+    except SafetensorError:
+        if not _empty_with_metadata(path):
+            raise
+        names = []  # an adapter without tasks, written by safetensors < 0.4.4 (it cannot read it back)
     if MANIFEST_KEY in names:
         return []
-    state = load_file(path)
+    state = load_file(path) if names else {}
     try:
         main, frozen = split_by_task(state, config)
     except LayoutMismatch as error:
@@ -394,7 +408,7 @@ def source_of(config: Any) -> ShardSource | None:
 
 def _safetensors_problem(error: Exception) -> str:
     text = str(error)
-    if "incomplete metadata" in text:
+    if "incomplete metadata" in text or "MetadataIncompleteBuffer" in text:  # newer / older safetensors
         what = "it is truncated: shorter than its header says"
     elif "too small" in text or "header length" in text:
         what = "it is truncated or empty: it has no complete header"
