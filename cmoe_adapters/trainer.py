@@ -470,11 +470,11 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         """
         if not os.path.isdir(task_dir) or self.continual_model is None:
             return get_last_checkpoint(task_dir) if os.path.isdir(task_dir) else None
+        prefix = f"{PREFIX_CHECKPOINT_DIR}-"
         steps = sorted(
-            (int(name[len(PREFIX_CHECKPOINT_DIR) + 1 :]), name)
+            (int(name[len(prefix) :]), name)
             for name in os.listdir(task_dir)
-            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-            and name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
+            if name.startswith(prefix) and name[len(prefix) :].isdigit()
         )
         for _, name in reversed(steps):
             checkpoint = os.path.join(task_dir, name)
