@@ -12,6 +12,9 @@ Renamed in transformers 5.x (both names are in the supported range ``>=5.0,<6``)
 - The key-value cache argument of ``forward`` went from ``past_key_values`` to ``cache``.
 - PIL-backed image processors became ``<Name>Pil`` (the plain name now needs torchvision).
 - ``Trainer.loss_is_scaled_for_ga`` appeared (before, the rule it states was implicit).
+
+One private attribute, with no public setter: ``Trainer._train_batch_size``, the batch size the
+training dataloader is built with, read once at ``__init__`` (`set_train_batch_size`).
 """
 
 from __future__ import annotations
@@ -94,3 +97,18 @@ def pil_image_processor_class(name: str) -> type:
     import transformers
 
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def set_train_batch_size(trainer: Any) -> None:
+    """Make `trainer` build its next training dataloader with ``trainer.args.train_batch_size``.
+
+    `Trainer` copies the batch size into ``_train_batch_size`` at ``__init__`` (5.0 also at every
+    ``train()``, later releases no longer do); a task with its own batch size
+    (`Task.training_args`) must update that copy, and no public call does.
+    """
+    if not hasattr(trainer, "_train_batch_size"):
+        raise AttributeError(
+            "transformers.Trainer no longer has _train_batch_size, which per-task batch sizes set: "
+            "update cmoe_adapters._compat.set_train_batch_size for this transformers release."
+        )
+    trainer._train_batch_size = trainer.args.train_batch_size

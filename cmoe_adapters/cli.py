@@ -31,7 +31,7 @@ from .data import (
     read_json_records,
     reference_answer,
 )
-from .run_config import ConfigError, RunConfig, load_run_config
+from .run_config import ConfigError, RunConfig, find_run_file, load_run_config, recipe_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -324,13 +324,49 @@ def _plan(config: RunConfig, data: dict[str, dict[str, Any]], finished: Sequence
     return "\n".join(lines)
 
 
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The run file (or shipped recipe) named on the command line, with its overrides; --tiny's too."""
+    path = find_run_file(args.config)
+    output_dir = args.output_dir
+    if args.tiny:
+        from .tiny_run import TINY_TRAINING, tiny_config, tiny_output_dir
+
+        config = load_run_config(
+            path, "train", hardware_checks=False, data_root=args.data_root, training_overrides=TINY_TRAINING
+        )
+        config.training["output_dir"] = (
+            os.path.abspath(output_dir) if output_dir else tiny_output_dir(config.training["output_dir"])
+        )
+        return tiny_config(config)
+    return load_run_config(
+        path, "train", hardware_checks=not args.dry_run, data_root=args.data_root, output_dir=output_dir
+    )
+
+
+def _base_model(config: RunConfig, data: dict[str, dict[str, Any]], tiny: bool) -> tuple[Any, Any]:
+    if not tiny:
+        return load_base_model(
+            config.model, config.model_class, config.dtype, config.model_revision, config.trust_remote_code
+        )
+    from .tiny_run import tiny_base
+
+    try:
+        return tiny_base(config.model_class, data, seed=int(config.training.get("seed", 42)))
+    except ValueError as error:
+        raise CommandError(f"--tiny: {error}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    config = load_run_config(args.config, "train", hardware_checks=not args.dry_run)
+    config = _train_config(args)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     resume = bool(args.resume)
     finished = _check_output_dir(config, resume)
     data = _task_data(config, "train")
+    if args.tiny:
+        from .tiny_run import tiny_data
+
+        data = tiny_data(data)
     if args.dry_run:
         print(_plan(config, data, finished))
         return EXIT_OK
@@ -340,9 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import hub
     from .trainer import ContinualMoETrainer, Task
 
-    base, processor = load_base_model(
-        config.model, config.model_class, config.dtype, config.model_revision, config.trust_remote_code
-    )
+    base, processor = _base_model(config, data, args.tiny)
     collator = VisionLanguageCollator(processor, max_length=config.max_length)
     model = get_peft_model(base, config.adapter_config())
     trainer = ContinualMoETrainer(
@@ -352,7 +386,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         processing_class=processor,
     )
     tasks = [
-        Task(spec.name, data[spec.name]["train"], data[spec.name]["eval"], metric=spec.metric)
+        Task(
+            spec.name,
+            data[spec.name]["train"],
+            data[spec.name]["eval"],
+            metric=spec.metric,
+            training_args=spec.training,
+        )
         for spec in config.tasks
     ]
     result = trainer.train_tasks(tasks, resume_from_checkpoint=resume)
@@ -370,6 +410,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- recipes ---------------------------------------------------------------------------------------
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """Each shipped recipe's name, path and first comment line (what it reproduces)."""
+    from .run_config import RECIPES_DIR
+
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        path = os.path.join(RECIPES_DIR, f"{name}.yaml")
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().lstrip("# ").strip()
+        print(f"{name:<{width}}  {first}")
+    print(f"\nin {RECIPES_DIR}; run one with `cmoe train NAME --data-root DIR` (docs: Reproducing a paper)")
+    return EXIT_OK
+
+
 # -- eval ------------------------------------------------------------------------------------------
 
 
@@ -381,7 +439,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_seen_tasks, generated_score
     from .metrics import locator_accuracy, open_set_rate
 
-    config = load_run_config(args.config, "eval")
+    config = load_run_config(find_run_file(args.config), "eval", data_root=args.data_root)
     data = _task_data(config, "eval")
     saved = adapter_config(args.adapter, args.revision, args.token)
     trained_on = saved.base_model_name_or_path
@@ -418,6 +476,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     oracle = args.oracle or bool(config.training.get("eval_oracle"))
 
     metrics = {spec.name: spec.metric for spec in config.tasks}
+    max_new_tokens = {
+        spec.name: int(spec.training.get("eval_max_new_tokens", config.eval_max_new_tokens))
+        for spec in config.tasks
+    }
 
     def score(name: str, records: Sequence[Any]) -> float:
         return generated_score(
@@ -427,7 +489,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             lambda tokens: decode(tokens, skip_special_tokens=True),
             metrics[name],
             batch_size=config.eval_batch_size,
-            max_new_tokens=config.eval_max_new_tokens,
+            max_new_tokens=max_new_tokens[name],
         )
 
     evaluation = evaluate_seen_tasks(
@@ -470,18 +532,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
 
     width = max(len("average"), *map(len, evaluated))
-    header = f"{'task':<{width}}  located" + ("   oracle" if oracle else "") + "  locator     none"
+    metric_width = max(len("metric"), *(len(metrics[name]) for name in evaluated))
+    header = (
+        f"{'task':<{width}}  {'metric':<{metric_width}}  located"
+        + ("   oracle" if oracle else "")
+        + "  locator     none"
+    )
     lines = [header]
     for name in evaluated:
         cells = f"{_percent(accuracy[name]):>7}" + (
             f"  {_percent(oracle_accuracy[name]):>7}" if oracle else ""
         )
         locator = f"{_percent(per_task_locator[name]):>7}  {_percent(per_task_none[name]):>7}"
-        lines.append(f"{name:<{width}}  {cells}  {locator}")
+        lines.append(f"{name:<{width}}  {metrics[name]:<{metric_width}}  {cells}  {locator}")
     cells = f"{_percent(average):>7}" + (f"  {_percent(report['oracle_average']):>7}" if oracle else "")
     locator = f"{_percent(report['locator_accuracy']):>7}  {_percent(report['open_set_rate']):>7}"
-    lines.append(f"{'average':<{width}}  {cells}  {locator}")
-    print(f"accuracy in % on {records_seen} records, tasks located by the adapter ({args.adapter}):")
+    lines.append(f"{'average':<{width}}  {'':<{metric_width}}  {cells}  {locator}")
+    print(f"scores in % on {records_seen} records, tasks located by the adapter ({args.adapter}):")
     print("\n".join(lines))
     print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
     print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
@@ -672,13 +739,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry-run", action="store_true", help="validate the run file and data, print the plan, load no model"
     )
+    train.add_argument(
+        "--data-root", metavar="DIR", help="where the tasks' data paths resolve (a recipe's: your download)"
+    )
+    train.add_argument("--output-dir", metavar="DIR", help="instead of the run file's training.output_dir")
+    train.add_argument(
+        "--tiny",
+        action="store_true",
+        help="check the run end to end offline: a tiny random model of the same architecture, a few "
+        "records and steps per task, no DeepSpeed or bf16 (scores mean nothing)",
+    )
     train.set_defaults(handler=cmd_train)
+
+    recipes = commands.add_parser("recipes", help="list the published setups shipped as run files")
+    recipes.set_defaults(handler=cmd_recipes)
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on the run file's eval sets")
     evaluate.add_argument("config", metavar="RUN.yaml")
     evaluate.add_argument(
         "--adapter", required=True, help="adapter directory (output_dir/<task>) or Hub repo id"
     )
+    evaluate.add_argument("--data-root", metavar="DIR", help="where the tasks' data paths resolve")
     evaluate.add_argument("--revision", help="Hub revision of the adapter (a task's tag)")
     evaluate.add_argument("--oracle", action="store_true", help="also score with the true task given")
     evaluate.add_argument("--output", metavar="FILE.json", help="write the scores as JSON")

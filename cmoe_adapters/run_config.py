@@ -35,6 +35,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "model_revision": "Hub revision (branch, tag or commit) of the base model",
     "dtype": "'auto', 'float32', 'float16' or 'bfloat16'",
     "trust_remote_code": "allow the model's own code from the Hub",
+    "data_root": "directory the tasks' relative data paths resolve against (a recipe's: your download)",
     "image_root": "directory that relative image paths of the data files are resolved against",
     "max_length": "longest tokenized sample: the question text is cut, never the answer or the image",
     "adapter": "ContinualMoEConfig fields, plus an optional preset",
@@ -50,13 +51,16 @@ TASK_KEYS: dict[str, str] = {
     "image_root": "this task's image directory (default: the top-level image_root)",
     "metric": "how its answers are scored: a benchmark's rule (docs/scorers.md), default exact_match",
     "benchmark": "CoIN, UCIT, MLLM-DCL or MLLM-ACL: read its released files; its metric is the default",
+    "training": "this task's own epochs, steps, learning rate, batch or answer length (PER_TASK_ARGUMENTS)",
 }
 FORMATS = ("auto", "llava", "coin")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # written by training, never by hand
 ADAPTER_STATE_FIELDS = ("task_records", "locator_feature_dim", "base_model_fingerprint")
 # TrainingArguments fields holding paths, resolved against the run file's directory like the others
-TRAINING_PATH_FIELDS = ("output_dir",)
+TRAINING_PATH_FIELDS = ("output_dir", "deepspeed")
+# the recipes shipped with the package (`cmoe recipes`); `recipes/` in a clone is a link to them
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 # TrainingArguments fields the continual trainer or the command line decides: (allowed value, why)
 TRAINING_STEERED_FIELDS: dict[str, tuple[Any, str]] = {
     "eval_strategy": (
@@ -66,6 +70,19 @@ TRAINING_STEERED_FIELDS: dict[str, tuple[Any, str]] = {
     "resume_from_checkpoint": (None, "use `cmoe train RUN.yaml --resume` instead"),
 }
 
+
+def _checkpointing_names() -> dict[str, str]:
+    """Either name of activation checkpointing (renamed within transformers 5.x) -> the installed one."""
+    from ._compat import checkpointing_argument
+
+    field = next(iter(checkpointing_argument(True)))
+    names = {}
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        names[name], names[f"{name}_kwargs"] = field, f"{field}_kwargs"
+    return names
+
+
+_CHECKPOINTING_NAMES = _checkpointing_names()
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -90,6 +107,7 @@ class TaskSpec:
     image_root: str | None = None
     metric: str = "exact_match"
     benchmark: str | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +121,7 @@ class RunConfig:
     model_revision: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
+    data_root: str | None = None
     image_root: str | None = None
     max_length: int | None = None
     preset: str | None = None
@@ -319,6 +338,10 @@ class _Checker:
     def __init__(self, path: str, lines: Mapping[str, int]) -> None:
         self.path, self.lines = path, lines
         self.base = os.path.dirname(os.path.abspath(path))
+        self.data_base = self.base  # the data_root, once known
+        self.data_unknown = False  # no usable data_root: data paths cannot be checked
+        # a shipped recipe is read-only: its output_dir is made where it is run
+        self.output_base = os.getcwd() if is_recipe(path) else self.base
         self.problems: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
@@ -346,17 +369,25 @@ class _Checker:
             self.problem(where, f"expected {mismatch.expected}, got {value!r}{close}")
             return False, value
 
-    def resolve(self, value: str) -> str:
-        return os.path.normpath(os.path.join(self.base, os.path.expanduser(value)))
+    def resolve(self, value: str, base: str | None = None) -> str:
+        return os.path.normpath(os.path.join(base or self.base, os.path.expanduser(value)))
 
-    def existing(self, where: str, value: Any, kind: str) -> str | None:
-        """The absolute path of an existing file or directory (`kind`), or None after a problem."""
+    def existing(self, where: str, value: Any, kind: str, data: bool = False) -> str | None:
+        """The absolute path of an existing file or directory (`kind`), or None after a problem.
+
+        ``data=True``: a data path, resolved against the data_root (unchecked when it is unknown).
+        """
         if not isinstance(value, str) or not value:
             self.problem(where, f"expected a path (a string), got {value!r}")
             return None
-        path = self.resolve(value)
+        if data and self.data_unknown:
+            return None
+        path = self.resolve(value, self.data_base if data else None)
         if kind == "file" and not os.path.isfile(path):
             self.problem(where, f"{'not a file' if os.path.isdir(path) else 'file not found'}: {path}")
+            return None
+        if kind == "path" and not os.path.exists(path):
+            self.problem(where, f"file or folder not found: {path}")
             return None
         if kind == "dir" and not os.path.isdir(path):
             self.problem(
@@ -444,7 +475,33 @@ def _check_model(check: _Checker, data: Mapping[str, Any], run: dict[str, Any]) 
     if check.choice("dtype", dtype, DTYPES):
         run["dtype"] = dtype
     if data.get("image_root") is not None:
-        run["image_root"] = check.existing("image_root", data["image_root"], "dir")
+        run["image_root"] = check.existing("image_root", data["image_root"], "dir", data=True)
+
+
+def _check_data_root(
+    check: _Checker, data: Mapping[str, Any], run: dict[str, Any], given: str | None
+) -> None:
+    """Where the data paths resolve: ``--data-root``, else the file's ``data_root``, else its folder."""
+    if given is not None:
+        root = os.path.abspath(os.path.expanduser(given))
+        if not os.path.isdir(root):
+            check.problem("data_root", f"--data-root: directory not found: {root}")
+            root = None
+    elif "data_root" not in data:
+        return
+    elif data["data_root"] is None:
+        check.problem(
+            "data_root",
+            "not set: the tasks' data paths are relative to the benchmark's download; pass "
+            "--data-root DIR (or set data_root: in a copy of the file)",
+        )
+        root = None
+    else:
+        root = check.existing("data_root", data["data_root"], "dir")
+    if root is None:
+        check.data_unknown = True
+    else:
+        check.data_base = run["data_root"] = root
 
 
 def _check_adapter(check: _Checker, data: Any, run: dict[str, Any]) -> None:
@@ -479,7 +536,11 @@ def _check_adapter(check: _Checker, data: Any, run: dict[str, Any]) -> None:
                 check.problem(f"adapter.{name}" if name else "adapter", message)
 
 
-def _check_training(check: _Checker, data: Any, run: dict[str, Any], purpose: str) -> None:
+def _check_training(
+    check: _Checker, data: Any, run: dict[str, Any], purpose: str, output_dir: str | None = None
+) -> None:
+    if data is None and output_dir is not None:
+        data = {}
     if data is None:
         if purpose == "train":
             check.problem(
@@ -493,6 +554,7 @@ def _check_training(check: _Checker, data: Any, run: dict[str, Any], purpose: st
     training: dict[str, Any] = {}
     typed = True
     for key, value in data.items():
+        key = _CHECKPOINTING_NAMES.get(key, key)
         if key not in fields:
             check.keys("training", {key: value}, list(fields), "not a ContinualTrainingArguments field")
             typed = False
@@ -503,10 +565,18 @@ def _check_training(check: _Checker, data: Any, run: dict[str, Any], purpose: st
             continue
         ok, coerced = check.value(f"training.{key}", value, fields[key])
         typed &= ok
-        if ok:
-            training[key] = check.resolve(coerced) if key in TRAINING_PATH_FIELDS and coerced else coerced
+        if not ok:
+            continue
+        if key == "output_dir" and coerced:
+            coerced = check.resolve(coerced, check.output_base)
+        elif key in TRAINING_PATH_FIELDS and isinstance(coerced, str) and coerced:
+            coerced = check.existing(f"training.{key}", coerced, "file")
+            typed &= coerced is not None
+        training[key] = coerced
+    if output_dir is not None:
+        training["output_dir"] = os.path.abspath(os.path.expanduser(output_dir))
     if purpose == "train" and not training.get("output_dir"):
-        if "output_dir" not in data:
+        if "output_dir" not in data and output_dir is None:
             check.problem("training.output_dir", "missing required key (where every task's adapter is saved)")
         typed = False
     run["training"] = training
@@ -528,10 +598,12 @@ def _construct_training(check: _Checker, training: dict[str, Any], run: dict[str
     message = attempt(training)
     if message is None:
         return
-    precision = {key: False for key in ("bf16", "fp16", "tf32") if training.get(key)}
-    if precision and run.get("hardware_checks") is False and attempt({**training, **precision}) is None:
+    machine: dict[str, Any] = {key: False for key in ("bf16", "fp16", "tf32") if training.get(key)}
+    if training.get("deepspeed"):
+        machine["deepspeed"] = None
+    if machine and run.get("hardware_checks") is False and attempt({**training, **machine}) is None:
         run.setdefault("warnings", []).append(
-            f"training: {message} (checked on a machine that cannot run {', '.join(precision)}; "
+            f"training: {message} (checked on a machine that cannot run {', '.join(machine)}; "
             "fine if the training machine can)"
         )
         return
@@ -569,7 +641,7 @@ def _check_tasks(check: _Checker, data: Any, run: dict[str, Any], purpose: str) 
                 first_seen.setdefault(name, index)
         root = run.get("image_root")
         if item.get("image_root") is not None:
-            root = check.existing(f"{where}.image_root", item["image_root"], "dir")
+            root = check.existing(f"{where}.image_root", item["image_root"], "dir", data=True)
         paths: dict[str, str | None] = {}
         for key in ("train", "eval"):
             if item.get(key) is None:
@@ -577,9 +649,11 @@ def _check_tasks(check: _Checker, data: Any, run: dict[str, Any], purpose: str) 
                 if key == "train" and purpose == "train":
                     check.problem(f"{where}.train", "missing required key (the task's training data file)")
             elif key == "eval" or purpose == "train":
-                paths[key] = check.existing(f"{where}.{key}", item[key], "file")
+                # a benchmark's split may be named by its task folder: its released file is found there
+                kind = "path" if item.get("benchmark") is not None else "file"
+                paths[key] = check.existing(f"{where}.{key}", item[key], kind, data=True)
             else:  # evaluating: the training file may live on another machine
-                paths[key] = check.resolve(str(item[key]))
+                paths[key] = check.resolve(str(item[key]), check.data_base)
         formats = {}
         for key in ("train_format", "eval_format"):
             value = item.get(key, "auto")
@@ -596,18 +670,87 @@ def _check_tasks(check: _Checker, data: Any, run: dict[str, Any], purpose: str) 
                 metric = item.get("metric", benchmark_metric(benchmark, name))
         if check.choice(f"{where}.metric", metric, sorted(SCORERS)):
             formats["metric"] = metric
+            lacking = SCORERS[metric].missing()
+            if lacking and run.get("hardware_checks") is False:
+                run.setdefault("warnings", []).append(
+                    f"{where}.metric: {lacking} (fine if the machine that runs it has them)"
+                )
+            elif lacking:
+                check.problem(f"{where}.metric", lacking)
+        training = _task_training(check, f"{where}.training", item.get("training"))
         if isinstance(name, str):
-            tasks.append(TaskSpec(name, paths["train"], paths["eval"], image_root=root, **formats))
+            tasks.append(
+                TaskSpec(name, paths["train"], paths["eval"], image_root=root, training=training, **formats)
+            )
     run["tasks"] = tasks
 
 
-def load_run_config(path: str, purpose: str = "train", hardware_checks: bool = True) -> RunConfig:
+def _task_training(check: _Checker, where: str, data: Any) -> dict[str, Any]:
+    """A task's own `PER_TASK_ARGUMENTS` values (`Task.training_args`)."""
+    if data is None:
+        return {}
+    from .trainer import PER_TASK_ARGUMENTS
+
+    if not isinstance(data, dict):
+        check.problem(where, f"expected a mapping of {', '.join(PER_TASK_ARGUMENTS)}, got {data!r}")
+        return {}
+    fields = training_fields()
+    training = {}
+    for key, value in data.items():
+        if key not in PER_TASK_ARGUMENTS:
+            close = difflib.get_close_matches(str(key), PER_TASK_ARGUMENTS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            check.problem(
+                f"{where}.{key}",
+                f"not a per-task setting ({hint}a task may set {', '.join(PER_TASK_ARGUMENTS)}; "
+                "the rest belongs in the top-level training:)",
+            )
+            continue
+        ok, coerced = check.value(f"{where}.{key}", value, fields[key])
+        if ok:
+            training[key] = coerced
+    return training
+
+
+def is_recipe(path: str) -> bool:
+    """Whether `path` is one of the recipes shipped with the package (through any link to them)."""
+    folder = os.path.realpath(RECIPES_DIR)
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == folder
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes, by name (``coin-llava15-7b`` for ``recipes/coin-llava15-7b.yaml``)."""
+    if not os.path.isdir(RECIPES_DIR):
+        return []
+    return sorted(name[: -len(".yaml")] for name in os.listdir(RECIPES_DIR) if name.endswith(".yaml"))
+
+
+def find_run_file(name: str) -> str:
+    """`name` when it is a file, else the shipped recipe of that name (``cmoe train coin-llava15-7b``)."""
+    if os.path.exists(name) or os.sep in name or name.endswith((".yaml", ".yml")):
+        return name
+    if name in recipe_names():
+        return os.path.join(RECIPES_DIR, f"{name}.yaml")
+    return name  # not found: load_run_config says so
+
+
+def load_run_config(
+    path: str,
+    purpose: str = "train",
+    hardware_checks: bool = True,
+    *,
+    data_root: str | None = None,
+    output_dir: str | None = None,
+    training_overrides: Mapping[str, Any] | None = None,
+) -> RunConfig:
     """Read and validate a run file; raises `ConfigError` listing every problem.
 
     `purpose` is ``"train"`` (training files and ``training.output_dir`` are required, the training
     arguments are built) or ``"eval"`` (only what evaluation needs must exist). With
-    ``hardware_checks=False`` (a dry run on a machine without the run's GPU), mixed-precision
-    settings this machine cannot run become warnings instead of problems.
+    ``hardware_checks=False`` (a dry run on a machine without the run's GPU), mixed-precision and
+    DeepSpeed settings this machine cannot run become warnings instead of problems.
+    `data_root` and `output_dir` (relative to the current directory) replace the file's;
+    `training_overrides` replace its ``training`` fields before they are checked (None removes one).
     """
     if purpose not in ("train", "eval"):
         raise ValueError(f"purpose must be 'train' or 'eval', got {purpose!r}")
@@ -633,9 +776,14 @@ def load_run_config(path: str, purpose: str = "train", hardware_checks: bool = T
         check.problem(key, "duplicate key (YAML would silently keep only this last value)")
     run: dict[str, Any] = {"hardware_checks": hardware_checks}
     check.keys("", data, list(TOP_LEVEL_KEYS), "known: " + ", ".join(TOP_LEVEL_KEYS))
+    _check_data_root(check, data, run, data_root)
     _check_model(check, data, run)
     _check_adapter(check, data.get("adapter"), run)
-    _check_training(check, data.get("training"), run, purpose)
+    training = data.get("training")
+    if training_overrides and isinstance(training, dict):
+        training = {**training, **training_overrides}
+        training = {key: value for key, value in training.items() if value is not None}
+    _check_training(check, training, run, purpose, output_dir)
     _check_tasks(check, data.get("tasks"), run, purpose)
     if check.problems:
         raise ConfigError(path, check.problems)

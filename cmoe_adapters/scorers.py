@@ -53,6 +53,14 @@ class Scorer:
     source: str
     sample: Callable[[str, Record], float] | None = None
     corpus: Callable[[list[str], list[Record]], float] | None = None
+    # what this machine lacks to run the rule, in words (None: nothing), and the pure-Python metric
+    # an offline check (`--tiny`) scores with instead
+    lacking: Callable[[], str | None] | None = None
+    stand_in: str | None = None
+
+    def missing(self) -> str | None:
+        """What this machine lacks to score this metric (a package, a program), or None."""
+        return self.lacking() if self.lacking is not None else None
 
     @property
     def doc(self) -> str:
@@ -743,6 +751,23 @@ def _cider(predictions: list[str], records: list[Record]) -> float:
     return corpus_cider(*_tokenized(predictions, records))
 
 
+def _coco_caption_lacking() -> str | None:
+    import importlib.util
+    import shutil
+
+    lacking = []
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        lacking.append("pycocoevalcap (pip install pycocoevalcap)")
+    if shutil.which("java") is None:
+        lacking.append("a Java runtime (java on PATH)")
+    if not lacking:
+        return None
+    return (
+        f"the 'caption' metric needs {' and '.join(lacking)}: pycocoevalcap's tokenizer and METEOR are "
+        "Java programs; 'cider', 'bleu_4' and 'rouge_l' are pure Python"
+    )
+
+
 def _coco_caption(predictions: list[str], records: list[Record]) -> float:
     """UCIT's Flickr30k and VizWiz-Caption: the mean of BLEU-1..4, METEOR, ROUGE-L and CIDEr.
 
@@ -845,6 +870,8 @@ SCORERS: dict[str, Scorer] = _scorers(
         "mean of BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap, PTB tokenizer), corpus-level",
         f"{_MCITLIB}: LoRA-FT/llava/eval/CoIN/eval_caption.py (the 'Average' it writes)",
         corpus=_coco_caption,
+        lacking=_coco_caption_lacking,
+        stand_in="cider",
     ),
     *(
         Scorer(

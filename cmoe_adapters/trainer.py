@@ -38,7 +38,7 @@ from transformers.trainer_utils import (
 )
 
 from . import hub, shards, zero3
-from ._compat import activation_checkpointing, with_checkpointing_kwargs
+from ._compat import activation_checkpointing, set_train_batch_size, with_checkpointing_kwargs
 from .aux_loss import RouterAuxLossMixin
 from .config import validate_task_name
 from .evaluation import SeenTasksEvaluation, evaluate_seen_tasks, generated_score
@@ -52,6 +52,21 @@ CHECKPOINTS_DIR = "checkpoints"
 LOCATOR_FEATURES = "locator_features"
 USAGE_COUNTS = "expert_usage_counts"
 PROGRESS_DIGESTS = "digests"  # in the locator-features json: the two progress files' tensor digests
+# TrainingArguments fields a task may set for itself (`Task.training_args`): what published setups
+# vary from task to task (CoIN's batch sizes, MLLM-CL's epochs and answer lengths). Everything else
+# (precision, DeepSpeed, saving, logging) is one setting of the whole stream.
+PER_TASK_ARGUMENTS = (
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "eval_max_new_tokens",
+)
+# DeepSpeed writes these into its config once, when the arguments are built
+BATCH_ARGUMENTS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 @dataclass
@@ -87,6 +102,10 @@ class Task:
     on records ``{"image", "question", "answer"}`` and scores the answers by ``metric``: a
     benchmark's own rule (`scorers.SCORERS`, e.g. ``"vqa"`` for TextVQA; see
     `scorers.benchmark_metric`), normalised exact match by default.
+
+    ``training_args`` sets `PER_TASK_ARGUMENTS` fields of the trainer's arguments for this task
+    only (its probe phase and training; ``eval_max_new_tokens`` wherever the task is evaluated),
+    e.g. ``{"num_train_epochs": 3}`` for a task a published setup trains longer.
     """
 
     name: str
@@ -94,6 +113,7 @@ class Task:
     eval_dataset: Any = None
     evaluate: Callable[[Any, Any], float] | None = None
     metric: str = "exact_match"
+    training_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 class _Subset:
@@ -271,19 +291,34 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         task_dir = os.path.join(self.continual_output_dir, CHECKPOINTS_DIR, task.name)
         checkpoint = self._last_complete_checkpoint(task_dir) if resume_from_checkpoint else None
         self._seed_task(len(self._seen) - 1)
-        if cmoe is None:  # a plain peft model (the sequential-LoRA baseline): train, nothing else
-            output = self._run_training(task.train_dataset, task_dir, checkpoint)
-            log.update({"train_loss": output.training_loss, **output.metrics})
-        else:  # the model's own task lifecycle (`lifecycle`), driven by this Trainer's loop
-            if cmoe.needs_probe(task.name):
-                self._probe(task)
-            with cmoe.learning_task(task.name, progress=not self.args.disable_tqdm) as session:
-                if checkpoint is not None:
-                    self._load_task_progress(checkpoint, session.features)
+        with self._task_arguments(task):
+            if cmoe is None:  # a plain peft model (the sequential-LoRA baseline): train, nothing else
                 output = self._run_training(task.train_dataset, task_dir, checkpoint)
-            log.update({"train_loss": output.training_loss, **output.metrics, **session.log})
+                log.update({"train_loss": output.training_loss, **output.metrics})
+            else:  # the model's own task lifecycle (`lifecycle`), driven by this Trainer's loop
+                if cmoe.needs_probe(task.name):
+                    self._probe(task)
+                with cmoe.learning_task(task.name, progress=not self.args.disable_tqdm) as session:
+                    if checkpoint is not None:
+                        self._load_task_progress(checkpoint, session.features)
+                    output = self._run_training(task.train_dataset, task_dir, checkpoint)
+                log.update({"train_loss": output.training_loss, **output.metrics, **session.log})
         self._finish_task(task, log)
         return self.result
+
+    @contextlib.contextmanager
+    def _task_arguments(self, task: Task):
+        """The task's own `training_args` on top of the stream's, for as long as it trains."""
+        saved = {name: getattr(self.args, name) for name in task.training_args}
+        try:
+            for name, value in task.training_args.items():
+                setattr(self.args, name, value)
+            set_train_batch_size(self)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self.args, name, value)
+            set_train_batch_size(self)
 
     def _seed_task(self, index: int) -> None:
         """Seed every random generator from ``args.seed`` and the task's position in the stream.
@@ -377,7 +412,9 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
             self._decode,
             task.metric,
             batch_size=self._eval_batch_size(),
-            max_new_tokens=getattr(self.args, "eval_max_new_tokens", 16),
+            max_new_tokens=task.training_args.get(
+                "eval_max_new_tokens", getattr(self.args, "eval_max_new_tokens", 16)
+            ),
         )
 
     def _decode(self, tokens: torch.Tensor) -> list[str]:
@@ -539,6 +576,21 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
 
     # -- input checks ---------------------------------------------------------------------------
 
+    def _check_task_arguments(self, task: Task) -> None:
+        unknown = sorted(set(task.training_args) - set(PER_TASK_ARGUMENTS))
+        if unknown:
+            raise ValueError(
+                f"Task {task.name!r}: training_args may set {', '.join(PER_TASK_ARGUMENTS)}; not {unknown} "
+                "(the other arguments hold for the whole stream: set them in the trainer's args)."
+            )
+        batch = [name for name in BATCH_ARGUMENTS if name in task.training_args]
+        if batch and self.is_deepspeed_enabled:
+            raise ValueError(
+                f"Task {task.name!r}: a per-task {' and '.join(batch)} cannot be combined with DeepSpeed, "
+                "which fixes the batch in its config when the arguments are built; train every task "
+                "with one batch size, or without DeepSpeed (DDP)."
+            )
+
     def _validate(self, tasks: Sequence[Task]) -> None:
         """Refuse a stream that would fail later, before any training starts."""
         if self.is_fsdp_enabled:
@@ -557,6 +609,7 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
             if not isinstance(task, Task):
                 raise TypeError(f"Expected cmoe_adapters.Task objects, got {type(task).__name__}.")
             validate_task_name(task.name)
+            self._check_task_arguments(task)
             if task.name in self.result.tasks or (cmoe is not None and task.name in cmoe.tasks[:-1]):
                 raise ValueError(f"Task {task.name!r} was already trained; task names must be unique.")
             self._check_dataset(task, "train_dataset", task.train_dataset)
@@ -569,9 +622,11 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
             self._check_dataset(task, "eval_dataset", task.eval_dataset)
             if task.evaluate is None:
                 try:
-                    get_scorer(task.metric)
+                    lacking = get_scorer(task.metric).missing()
                 except ValueError as error:
                     raise ValueError(f"Task {task.name!r}: {error}") from None
+                if lacking:  # found now, not after the task's training
+                    raise ImportError(f"Task {task.name!r}: {lacking}.")
             if task.evaluate is None and not (
                 hasattr(self.data_collator, "generation_inputs")
                 and hasattr(self.processing_class, "batch_decode")
@@ -592,13 +647,12 @@ class ContinualMoETrainer(RouterAuxLossMixin, Trainer):
         config = getattr(self.model, "config", None)
         if getattr(config, "vision_config", None) is None:
             return
-        for index in range(min(size, 256)):
-            record = dataset[index]
-            is_vqa_record = isinstance(record, Mapping) and (
-                "question" in record or "conversations" in record
+        # records without an image are text-only questions (ScienceQA has some); a data set in
+        # which none has one was loaded without its images
+        checked = [dataset[index] for index in range(min(size, 256))]
+        vqa = [r for r in checked if isinstance(r, Mapping) and ("question" in r or "conversations" in r)]
+        if vqa and all(record.get("image") is None for record in vqa):
+            raise ValueError(
+                f"Task {task.name!r}: no record of {kind} has an image (of the first {len(checked)}), but "
+                "the model is a vision-language model. Give the records an 'image' (a PIL image or a path)."
             )
-            if is_vqa_record and record.get("image") is None:
-                raise ValueError(
-                    f"Task {task.name!r}: {kind}[{index}] has no image, but the model is a "
-                    "vision-language model. Give every record an 'image' (a PIL image or a path)."
-                )

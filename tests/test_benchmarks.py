@@ -1,15 +1,14 @@
 """The benchmarks' released layouts (CoIN, UCIT, MLLM-CL) load into records their scorers can score.
 
 The fixtures under tests/fixtures/benchmarks are small files in exactly the released layouts (see
-`cmoe_adapters.benchmarks.LAYOUTS` for each file's source); their images are written here, tiny
-PNGs, at the paths the records name.
+`cmoe_adapters.benchmarks.LAYOUTS` for each file's source), with a tiny image (16x16) at every
+path their records name; the recipes' `--tiny` checks run on them too (tests/test_recipes.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,9 @@ TASKS = [(benchmark, task) for benchmark, tasks in LAYOUTS.items() for task in t
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the fixtures with a tiny image at every path a record names."""
-    root = tmp_path_factory.mktemp("benchmarks")
-    shutil.copytree(FIXTURES, root, dirs_exist_ok=True)
-    for benchmark, task in TASKS:
-        for split in ("train", "test"):
-            try:
-                records = load(root, benchmark, task, split, check_images=False)
-            except DataError:
-                continue  # this fixture has no file for the split
-            for record in records:
-                if record.get("image"):
-                    os.makedirs(os.path.dirname(record["image"]), exist_ok=True)
-                    Image.new("RGB", (4, 3), (200, 30, 30)).save(record["image"], format="PNG")
-    return root
+def data() -> Path:
+    """The fixtures: every task's train and test split, and a tiny image at every path they name."""
+    return FIXTURES
 
 
 def load(root: Path, benchmark: str, task: str, split: str = "test", **kwargs) -> list[dict]:
@@ -125,23 +112,14 @@ def test_mllm_cl_keeps_the_fields_its_scorers_read(data: Path) -> None:
     assert score_predictions("sci_match", ["b", "Texas"], sci) == pytest.approx((1 + 0.5) / 2)
 
 
-@pytest.mark.parametrize(
-    ("benchmark", "task"),
-    [
-        ("CoIN", "ScienceQA"),
-        ("CoIN", "Grounding"),
-        ("UCIT", "Flickr30k"),
-        ("MLLM-DCL", "RS"),
-        ("MLLM-ACL", "OCR"),
-    ],
-)
+@pytest.mark.parametrize(("benchmark", "task"), TASKS, ids=[f"{b}-{t}" for b, t in TASKS])
 def test_train_splits_are_llava_conversations(data: Path, benchmark: str, task: str) -> None:
     records = load(data, benchmark, task, "train")
     assert records and all(r["conversations"][-1]["from"] == "gpt" for r in records)
     assert all(r["image"] is None or os.path.isfile(r["image"]) for r in records)
 
 
-def test_a_split_is_found_from_its_file_its_task_folder_or_the_benchmark_root(data: Path) -> None:
+def test_a_split_is_found_from_its_file_its_task_folder_or_the_benchmark_root(data: Path, tmp_path) -> None:
     folder = data / "CoIN/Instructions_Original/TextVQA"
     expected = str(folder / "val.json")
     assert find_split_file("CoIN", "TextVQA", str(folder / "val.json")) == expected
@@ -152,7 +130,7 @@ def test_a_split_is_found_from_its_file_its_task_folder_or_the_benchmark_root(da
     )
     assert find_split_file("MLLM-ACL", "Math", str(data / "MLLM-ACL")).endswith("Math_test/test.json")
     with pytest.raises(DataError, match=r"no CoIN GQA train file; looked for .*GQA/train\.json"):
-        find_split_file("CoIN", "GQA", str(data / "CoIN/Instructions_Original"), "train")
+        find_split_file("CoIN", "GQA", str(tmp_path), "train")
 
 
 # ----------------------------------------------------------------------------------------- errors

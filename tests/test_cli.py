@@ -246,7 +246,8 @@ def test_values_are_typed_and_paths_resolved_against_the_run_file(run_dir, tmp_p
     assert not config.model_is_local and config.adapter_config().momentum_merge
     path.write_text("model: [1]\nfoo: 1\n")
     found = problems(path)
-    known = "model, model_class, model_revision, dtype, trust_remote_code, image_root, max_length, adapter"
+    known = "model, model_class, model_revision, dtype, trust_remote_code, data_root, image_root, max_length"
+    known += ", adapter"
     assert found[0] == f"foo (line 2): unknown key (known: {known}, training, tasks)"
     assert found[1] == "model (line 1): expected a Hub id or a directory, got [1]"
 
@@ -356,7 +357,8 @@ def test_eval_scores_every_task_the_adapter_knows(trained, tmp_path, capsys):
         n / 4 for n in none
     ]
     assert report["accuracy"] == pytest.approx(matrix[1])  # the trainer's scores, from the saved adapter
-    assert printed.splitlines()[1].split() == ["task", "located", "locator", "none"]
+    assert printed.splitlines()[1].split() == ["task", "metric", "located", "locator", "none"]
+    assert printed.splitlines()[2].split()[:2] == ["color", "exact_match"]
     assert "locator accuracy:" in printed
     assert f"open-set rate: {100 * report['open_set_rate']:.1f}% of the learnt tasks' records" in printed
 

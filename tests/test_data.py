@@ -337,3 +337,32 @@ def test_multi_turn_truncation_keeps_every_answer():
     assert learnt[0] == "blue" and learnt[-2:] == ["red", "</s>"]
     kept = collator.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert kept.count("<image>") == 16 and "context" in kept and kept.count("what") == 2
+
+
+# ---------------------------------------------------------------- text-only records among images
+
+
+def test_a_batch_may_mix_records_with_and_without_an_image(family):
+    """ScienceQA has text-only questions: their rows get no image token, the others keep theirs."""
+    processor, image_id, image_tokens = family
+    collator = VisionLanguageCollator(processor)
+    pictured = {"image": Image.new("RGB", (32, 32), "red"), "question": "what color ?", "answer": "red"}
+    text_only = {"image": None, "question": "what is the answer ?", "answer": "blue"}
+    for batch in (collator([pictured, text_only]), collator.generation_inputs([text_only, pictured])):
+        counts = (batch["input_ids"] == image_id).sum(dim=1).tolist()
+        assert sorted(counts) == [0, image_tokens] and "pixel_values" in batch
+
+
+def test_a_vision_language_model_trains_and_answers_on_a_mixed_batch():
+    from cmoe_adapters.tiny_models import tiny_llava
+
+    model, processor = tiny_llava(["what color is it ?", "red", "which letter ? A", "B"])
+    collator = VisionLanguageCollator(processor)
+    records = [
+        {"image": Image.new("RGB", (32, 32), "red"), "question": "what color is it ?", "answer": "red"},
+        {"image": None, "question": "which letter ? A", "answer": "B"},
+    ]
+    loss = model(**collator(records)).loss
+    assert torch.isfinite(loss) and loss > 0
+    generated = model.generate(**collator.generation_inputs(records), max_new_tokens=2, do_sample=False)
+    assert generated.shape[0] == 2

@@ -116,6 +116,49 @@ def test_balancing_loss_is_added_and_scaled_for_gradient_accumulation(tmp_path):
     torch.testing.assert_close(trainer.compute_loss(model, batch), plain + aux)
 
 
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora" in k or "router" in k}
+
+
+def test_a_task_trains_with_its_own_arguments_as_a_trainer_given_them(tmp_path):
+    """Per-task batch, accumulation, steps and learning rate equal a stream-wide setting of them."""
+    low, mid, _ = stream(train=32, evaluate=4)
+    own = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 5}
+    own["learning_rate"] = 1e-2
+    trainer = trainer_for(moe_model(), tmp_path / "per-task", max_steps=3)
+    trainer.train_tasks(
+        [low, Task("mid", mid.train_dataset, mid.eval_dataset, mid.evaluate, training_args=own)]
+    )
+    per_task = _adapter_state(trainer.model)
+    assert trainer.args.max_steps == 3 and trainer.args.per_device_train_batch_size == 8, "restored after"
+    assert trainer.state.global_step == 5, "the second task ran its own max_steps"
+
+    # the same two tasks, the second by a trainer whose own arguments are those (seeded as the
+    # second task of a stream is: the seed moves by 1_000_003 per position)
+    model = moe_model()
+    trainer_for(model, tmp_path / "one", max_steps=3).train_task(low)
+    trainer_for(model, tmp_path / "two", seed=42 + 1_000_003, **own).train_task(mid)
+    reference = _adapter_state(model)
+    assert per_task.keys() == reference.keys()
+    for name, value in per_task.items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_per_task_arguments_are_checked_before_training(tmp_path):
+    trainer = trainer_for(moe_model(), tmp_path)
+    low = stream(train=16, evaluate=4)[0]
+    with pytest.raises(ValueError, match=r"training_args may set num_train_epochs, .*not \['bf16'\]"):
+        trainer.train_tasks([Task("low", low.train_dataset, training_args={"bf16": True})])
+    trainer.is_deepspeed_enabled = True  # what accelerate sets under DeepSpeed (a GPU-only launch)
+    with pytest.raises(
+        ValueError, match="per-task per_device_train_batch_size cannot be combined with DeepSpeed"
+    ):
+        trainer.train_tasks(
+            [Task("low", low.train_dataset, training_args={"per_device_train_batch_size": 2})]
+        )
+    assert trainer.continual_model.tasks == []
+
+
 def test_bad_streams_fail_before_any_training(tmp_path):
     trainer = trainer_for(moe_model(), tmp_path)
     low = stream(train=16, evaluate=4)[0]
@@ -152,12 +195,12 @@ def test_a_task_without_eval_set_leaves_its_column_empty(tmp_path):
     assert result.final_average == result.accuracy_matrix[1][0]
 
 
-def test_vqa_records_without_images_are_refused(tmp_path):
+def test_a_vqa_data_set_without_any_image_is_refused(tmp_path):
     vlm = build_tiny_vlm("llava").model
     model = get_peft_model(vlm, ContinualMoEConfig(r=2, num_experts=2, top_k=1))
     trainer = trainer_for(model, tmp_path)
     data = [{"image": None, "question": "what color?", "answer": "red"}] * 3
-    with pytest.raises(ValueError, match=r"train_dataset\[0\] has no image"):
+    with pytest.raises(ValueError, match=r"no record of train_dataset has an image \(of the first 3\)"):
         trainer.train_tasks([Task("color", data, evaluate=lambda m, d: 0.0)])
 
 
@@ -245,3 +288,14 @@ def test_balancing_loss_is_summed_on_device_and_read_only_when_logging(tmp_path,
     expected = [round(float(torch.stack(added[i : i + 2]).mean()), 6) for i in (0, 2, 4)]
     assert logged == pytest.approx(expected, abs=2e-6)
     assert trainer._aux_loss_count == 0 and trainer._aux_loss_sum is None, "reset by the last log"
+
+
+def test_a_metric_this_machine_cannot_score_is_refused_before_training(tmp_path, monkeypatch):
+    """UCIT's caption metric runs Java programs: without Java, say so before a task trains."""
+    monkeypatch.setattr("shutil.which", lambda program: None)
+    trainer = trainer_for(moe_model(), tmp_path)
+    low = stream(train=16, evaluate=4)[0]
+    caption = Task("captions", low.train_dataset, low.eval_dataset, metric="caption")
+    with pytest.raises(ImportError, match=r"Task 'captions': the 'caption' metric needs .*a Java runtime"):
+        trainer.train_tasks([caption])
+    assert trainer.continual_model.tasks == []
