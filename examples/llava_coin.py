@@ -13,8 +13,9 @@ its ``cl_dataset``)::
     <coin-root>/<Task>/test.json    CoIN test records (question_id, image, text, answer)
 
 Scores are normalised exact match (VQA-style), except Grounding: a predicted box counts when its
-IoU with the reference box is at least 0.5. CoIN's official scripts score some tasks differently
-(e.g. VQA accuracy over ten annotators), so compare numbers across methods run with this script.
+IoU with the reference box is at least 0.5. For CoIN's own scoring rule per task (VQA accuracy
+over ten annotators for TextVQA, ...) and CoIN's published settings, run its recipe instead:
+``cmoe train coin-llava15-7b --data-root DIR`` (docs: Reproducing a paper).
 
 Real run, 8 GPUs, bf16, gradient checkpointing, DeepSpeed ZeRO-2 (``zero3.json`` when the base
 model does not fit on one GPU)::
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,29 +48,13 @@ import _tiny
 from cmoe_adapters import Task
 from cmoe_adapters.data import VisionLanguageCollator, load_coin_test_records, load_llava_records
 from cmoe_adapters.evaluation import generate_answers
+from cmoe_adapters.scorers import box_iou, parse_box
 
 COIN_TASKS = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA")
 GROUNDING = "Grounding"
 # --tiny: three of CoIN's tasks, in CoIN's order, as synthetic look-alikes (see _tiny.py)
 TINY_TASKS = {"ScienceQA": "choice", "ImageNet": "shape", "Grounding": "box"}
 TINY_TRAIN, TINY_TEST = 12, 6
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """The first four numbers of `text` as a box ``(x1, y1, x2, y2)``, or None."""
-    numbers = [float(n) for n in _NUMBER.findall(text)[:4]]
-    return (numbers[0], numbers[1], numbers[2], numbers[3]) if len(numbers) == 4 else None
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def grounding_evaluator(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,11 @@ TASKS = [(benchmark, task) for benchmark, tasks in LAYOUTS.items() for task in t
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    """The fixtures: every task's train and test split, and a tiny image at every path they name."""
-    return FIXTURES
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the fixtures (every task's splits, a tiny image at every path they name)."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    shutil.copytree(FIXTURES, root, dirs_exist_ok=True)
+    return root
 
 
 def load(root: Path, benchmark: str, task: str, split: str = "test", **kwargs) -> list[dict]:
