@@ -1,0 +1,20 @@
+"""Fault injection: a stream killed by SIGKILL at any moment of a task's life resumes bit-identically.
+
+Each chain runs the three-task stream of ``scripts/continual_stream.py`` in a fresh process with
+``--resume`` until it finishes, and the process is killed at the next moment of its fault list
+each time (see ``scripts/fault_points.py`` and ``fault_chains.CHAINS``): several moments per phase,
+many kills per stream, two in one task. The adapters (every expert, router, usage statistic and
+locator) and the accuracy matrix it ends with must equal an uninterrupted run's exactly. One chain
+per file, so that two test workers run them side by side.
+"""
+
+from __future__ import annotations
+
+from fault_chains import kill_and_resume_until_done
+
+pytest_plugins = ["hub_server"]  # the `hub_server` fixture
+
+
+def test_cl_moe_killed_at_every_phase_resumes_bit_identically(tmp_path, hub_server):
+    """CL-MoE: kills around the momentum merge, the usage statistics, the save and the Hub push."""
+    kill_and_resume_until_done("cl_moe", tmp_path, hub=hub_server)
