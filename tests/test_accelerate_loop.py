@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import free_port
+from distributed_runs import free_port
 
 pytestmark = pytest.mark.multiprocess  # several processes: the newest dependency set only in CI
 

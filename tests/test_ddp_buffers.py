@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
+from distributed_runs import torchrun
 from peft import get_peft_model
-from test_distributed import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 

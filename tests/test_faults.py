@@ -5,7 +5,8 @@ Each chain runs the three-task stream of ``scripts/continual_stream.py`` in a fr
 each time (see ``scripts/fault_points.py`` and ``fault_chains.CHAINS``): several moments per phase,
 many kills per stream, two in one task. The adapters (every expert, router, usage statistic and
 locator) and the accuracy matrix it ends with must equal an uninterrupted run's exactly. One chain
-per file, so that two test workers run them side by side.
+per file (CL-MoE's, with its Hub pushes, is tests/test_faults_cl_moe.py), so that two test workers
+run them side by side.
 """
 
 from __future__ import annotations

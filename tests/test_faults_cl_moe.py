@@ -1,11 +1,6 @@
-"""Fault injection: a stream killed by SIGKILL at any moment of a task's life resumes bit-identically.
+"""CL-MoE's fault chain (see tests/test_faults.py): kills around the momentum merge and the Hub push.
 
-Each chain runs the three-task stream of ``scripts/continual_stream.py`` in a fresh process with
-``--resume`` until it finishes, and the process is killed at the next moment of its fault list
-each time (see ``scripts/fault_points.py`` and ``fault_chains.CHAINS``): several moments per phase,
-many kills per stream, two in one task. The adapters (every expert, router, usage statistic and
-locator) and the accuracy matrix it ends with must equal an uninterrupted run's exactly. One chain
-per file, so that two test workers run them side by side.
+Its own file, so that a second test worker runs it beside the LLaVA-CMoE chain.
 """
 
 from __future__ import annotations
