@@ -552,6 +552,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print(f"locator accuracy: {_percent(report['locator_accuracy'])}%")
     print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
+    print("locator confusion, in % of each task's records (rows: the true task; columns: located):")
+    rows = {name: confusion[known.index(name)] for name in evaluated}
+    print("\n".join(_confusion_table(rows, known, _none_label(saved))))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     if args.output:

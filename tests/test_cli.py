@@ -360,6 +360,9 @@ def test_eval_scores_every_task_the_adapter_knows(trained, tmp_path, capsys):
     assert printed.splitlines()[1].split() == ["task", "metric", "located", "locator", "none"]
     assert printed.splitlines()[2].split()[:2] == ["color", "exact_match"]
     assert "locator accuracy:" in printed
+    confusion = printed[printed.index("locator confusion") :].splitlines()
+    assert confusion[1].split()[:4] == ["true", "task", "records", "color"]
+    assert confusion[2].split()[:2] == ["color", "4"] and confusion[4].split()[:2] == ["all", "8"]
     assert f"open-set rate: {100 * report['open_set_rate']:.1f}% of the learnt tasks' records" in printed
 
 
