@@ -31,11 +31,11 @@ from cmoe_adapters.data import VisionLanguageCollator
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-# Sizes of a `--tiny` run: a dozen optimizer steps per task on 12 records and a small locator, so
+# Sizes of a `--tiny` run: six optimizer steps per task on 12 records and a small locator, so
 # that a whole stream takes seconds on one CPU core while every phase (probe, train, locate,
 # evaluate, save) runs. --tiny overrides the corresponding command-line options.
 TINY_SETTINGS: dict[str, Any] = {
-    "max_steps": 12,
+    "max_steps": 6,
     "batch_size": 4,
     "eval_batch_size": 8,
     "learning_rate": 2e-2,

@@ -21,6 +21,24 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+# the longest test files, started first so that two xdist workers (--dist loadfile) share them
+# instead of one worker running them last, one after another
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_faults.py",
+    "test_zero3_methods.py",
+    "test_faults_cl_moe.py",
+    "test_examples.py",
+    "test_trl.py",
+    "test_recipes.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
     """A 2-layer Llama with hidden size 32, random weights, in eval mode."""
     torch.manual_seed(seed)

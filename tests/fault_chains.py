@@ -30,26 +30,20 @@ HUB_REPO = "tester/faulty-stream"
 CHAINS = {
     # LLaVA-CMoE: a probe phase before each later task (its own training steps and expert choice)
     "llava_cmoe": [
-        "add:low",  # the first task's experts exist, nothing is saved yet
-        "train:low:3",  # before the task's first checkpoint (save_steps=8)
-        "locator:low",
-        "eval:low:1",  # the task is trained and its locator fitted, but not saved
-        "probe:mid:2",
+        "add:low",  # the first task's experts exist, nothing is saved yet: the task restarts
+        "locator:low",  # trained, its locator being fitted, nothing saved
+        "probe:mid:2",  # in the probe phase
         "train:mid:12",  # after a checkpoint
         "checkpoint:mid:16",  # while a checkpoint is written: the one before it is resumed
         "staged:mid",  # the same task killed twice, the second time in its save
-        "add:high",
-        "locator:high",
         "eval:high:3",  # in the last task's evaluation, after two of its three tasks
     ],
     # CL-MoE: the momentum merge and the task gate's usage statistics at every task's end
     "cl_moe": [
-        "train:low:16",  # at a checkpoint's step
         "saved:low",  # the task's folder is in place, results.json does not name it yet
         "eval:mid:2",  # after the merge, before the task is saved
         "push:mid",  # its commit is on the Hub, its tag is not
         "checkpoint:high:8",  # the task's first checkpoint cut short: the task restarts
-        "staged:high",
     ],
 }
 

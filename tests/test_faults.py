@@ -11,7 +11,10 @@ run them side by side.
 
 from __future__ import annotations
 
+import pytest
 from fault_chains import kill_and_resume_until_done
+
+pytestmark = pytest.mark.multiprocess  # many processes, each killed: the newest dependency set only in CI
 
 
 def test_llava_cmoe_killed_at_every_phase_resumes_bit_identically(tmp_path):

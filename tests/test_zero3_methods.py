@@ -35,6 +35,7 @@ def test_zero3_runs_the_methods_when_experts_get_no_tokens_on_one_rank(preset, t
 
 
 @needs_deepspeed
+@pytest.mark.slow  # minutes on 2 cores; the MoE's ZeRO-3 save path, which it shares, runs in every CI
 def test_zero3_trains_and_saves_the_plain_lora_baseline(tmp_path):
     rank0, rank1 = run_stream(tmp_path, "--zero-stage", "3", "--lora")
     assert_ranks_identical(rank0, rank1, locator=False)
