@@ -21,13 +21,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-# the longest test files, started first so that two xdist workers (--dist loadfile) share them
-# instead of one worker running them last, one after another
+# the longest test files, started first (with --no-loadscope-reorder) so that the two xdist workers
+# share them: the first two files go to one worker each, the next two after them, then the rest
 LONGEST_FIRST = (
-    "test_distributed.py",
-    "test_faults.py",
-    "test_zero3_methods.py",
-    "test_faults_cl_moe.py",
+    "test_distributed.py",  # worker 1
+    "test_faults.py",  # worker 2
+    "test_faults_cl_moe.py",  # worker 1
+    "test_zero3_methods.py",  # worker 2
     "test_examples.py",
     "test_trl.py",
     "test_recipes.py",
