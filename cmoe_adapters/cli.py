@@ -314,6 +314,9 @@ def _plan(config: RunConfig, data: dict[str, dict[str, Any]], finished: Sequence
         state = "  [finished, restored on --resume]" if spec.name in finished else ""
         lines.append(f"  {index}. {spec.name}{state}")
         lines += [f"       {part}" for part in parts or ["no data"]]
+        lines.append(f"       scored by {spec.metric}")
+        if spec.training:
+            lines.append("       own training: " + ", ".join(f"{k}={v}" for k, v in spec.training.items()))
     out = config.output_dir
     lines.append(f"output    {out}/<task> after each task, {out}/results.json|md")
     if config.training.get("push_to_hub"):

@@ -66,7 +66,8 @@ def test_every_recipe_validates_against_its_released_layout():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("dry run: the run file and the data files are valid") == len(RECIPES)
-    assert "Med\n" in run.stdout and "{'num_train_epochs': 3}" not in run.stderr
+    assert "  2. Med\n" in run.stdout and "own training: num_train_epochs=3\n" in run.stdout
+    assert "scored by grounding_iou" in run.stdout and "scored by ai2d_match" in run.stdout
 
 
 def test_a_recipe_without_its_data_root_says_how_to_give_it(capsys):
