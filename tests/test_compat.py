@@ -109,6 +109,18 @@ def test_trainer_state_the_loss_scaling_reads_exists(tmp_path):
     assert loss_is_scaled_for_ga(trainer, 12) is bool(trainer.model_accepts_loss_kwargs)
 
 
+def test_a_new_batch_size_reaches_the_next_training_dataloader(tmp_path):
+    """The private seam of per-task batch sizes (`_compat.set_train_batch_size`)."""
+    from cmoe_adapters._compat import set_train_batch_size
+
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=8)
+    data = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 12
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=data)
+    args.per_device_train_batch_size = 3
+    set_train_batch_size(trainer)
+    assert trainer.get_train_dataloader().total_batch_size == 3, "see _compat.set_train_batch_size"
+
+
 def test_peft_registration_tables_exist():
     for table in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):
         assert isinstance(getattr(mapping, table, None), dict), f"peft.mapping.{table} moved"
