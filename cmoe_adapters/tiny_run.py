@@ -48,12 +48,16 @@ def tiny_output_dir(output_dir: str) -> str:
     return output_dir.rstrip("/\\") + "-tiny"
 
 
+def _short_answers(training: dict[str, Any]) -> dict[str, Any]:
+    """`training` with its answer length, if it sets one, capped at `TINY_MAX_NEW_TOKENS`."""
+    if "eval_max_new_tokens" in training:
+        training["eval_max_new_tokens"] = min(int(training["eval_max_new_tokens"]), TINY_MAX_NEW_TOKENS)
+    return training
+
+
 def tiny_task_training(training: Mapping[str, Any]) -> dict[str, Any]:
     """A task's own settings under --tiny: its learning rate etc. kept, its length and batch not."""
-    kept = {key: value for key, value in training.items() if key not in _PER_TASK_REPLACED}
-    if "eval_max_new_tokens" in kept:
-        kept["eval_max_new_tokens"] = min(int(kept["eval_max_new_tokens"]), TINY_MAX_NEW_TOKENS)
-    return kept
+    return _short_answers({key: value for key, value in training.items() if key not in _PER_TASK_REPLACED})
 
 
 def _runnable_metric(spec: Any, warnings: list[str]) -> str:
@@ -79,10 +83,7 @@ def tiny_config(config: Any) -> Any:
     ]
     config.max_length = min(config.max_length or TINY_MAX_LENGTH, TINY_MAX_LENGTH)
     config.dtype = "float32"
-    if "eval_max_new_tokens" in config.training:
-        config.training["eval_max_new_tokens"] = min(
-            int(config.training["eval_max_new_tokens"]), TINY_MAX_NEW_TOKENS
-        )
+    _short_answers(config.training)
     return config
 
 
