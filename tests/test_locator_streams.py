@@ -143,3 +143,16 @@ def test_trained_stream_matches_the_oracle_and_leaves_unknown_inputs_to_the_base
     finally:
         model.unload()
         assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize(("patch_size", "image_tokens"), [(16, 16), (8, 64), (4, 256)])
+def test_finer_patches_give_more_image_tokens_and_room_for_them(patch_size, image_tokens):
+    """`build_tiny_llava(patch_size=...)`: the towers of benchmarks/locator_image_unknowns.py."""
+    base, processor = build_tiny_llava(seed=0, extra_words=STREAM_WORDS, patch_size=patch_size)
+    inputs = VisionLanguageCollator(processor).generation_inputs(image_kind_records("digits", "test", 2))
+    assert (inputs["input_ids"] == base.config.image_token_index).sum(1).tolist() == [image_tokens] * 2
+    assert processor.tokenizer.model_max_length == base.config.text_config.max_position_embeddings
+    assert base.config.text_config.max_position_embeddings >= inputs["input_ids"].shape[1] + 200
+    with torch.no_grad():
+        logits = base(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()

@@ -41,6 +41,12 @@ from .tasks import COLORS, SHAPES
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+_TEXT_POSITIONS = 240  # room for the prompt and answer beside the image tokens (256 positions at patch 16)
+
+
+def _max_length(patch_size: int) -> int:
+    return _TEXT_POSITIONS + (IMAGE_SIZE // patch_size) ** 2
+
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, IMAGE)
@@ -104,7 +110,7 @@ def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(extra_words: Sequence[str] = ()) -> LlavaProcessor:
+def build_processor(extra_words: Sequence[str] = (), patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     """`LlavaProcessor` = CLIP-style 64x64 image processor + word-level tokenizer + chat template."""
     clip_pil = pil_image_processor_class("CLIPImageProcessor")  # torchvision is not a dependency
     image_processor = clip_pil(
@@ -112,17 +118,19 @@ def build_processor(extra_words: Sequence[str] = ()) -> LlavaProcessor:
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=False,
     )
+    tokenizer = build_tokenizer(extra_words)
+    tokenizer.model_max_length = _max_length(patch_size)
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(extra_words),
-        patch_size=PATCH_SIZE,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, patch_size: int = PATCH_SIZE) -> LlavaConfig:
     """Config of the tiny LLaVA: vision 64 wide x 2 layers, language 128 wide x 4 layers."""
     vision = CLIPVisionConfig(
         hidden_size=64,
@@ -130,7 +138,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -139,7 +147,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=256,
+        max_position_embeddings=_max_length(patch_size),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -149,7 +157,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(IMAGE_SIZE // patch_size) ** 2,
         vision_feature_layer=-1,  # the last layer: with only two, -2 would waste half the tower
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
@@ -158,15 +166,16 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
 
 
 def build_tiny_llava(
-    seed: int = 0, extra_words: Sequence[str] = ()
+    seed: int = 0, extra_words: Sequence[str] = (), patch_size: int = PATCH_SIZE
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised tiny LLaVA (seeded, without touching the global RNG) and its processor.
 
-    `extra_words` extend the vocabulary (see `build_tokenizer`).
+    `extra_words` extend the vocabulary (see `build_tokenizer`). `patch_size` 8 gives 64 image
+    tokens instead of 16 (benchmarks only: the demo, its collator and its shipped base use 16).
     """
-    processor = build_processor(extra_words)
+    processor = build_processor(extra_words, patch_size)
     tokenizer = processor.tokenizer
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, patch_size)
     with torch.random.fork_rng(devices=[]):  # the model is built on the CPU
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
