@@ -571,9 +571,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -- locate ----------------------------------------------------------------------------------------
 
 
+def _print_open_set_checks(not_learnt: dict[str, dict[str, Any]], config: Any) -> None:
+    """How well the novelty score flags each not-learnt task's records (`metrics.open_set_check`)."""
+    for name, entry in not_learnt.items():
+        if "auroc" not in entry:  # no locator scores (a one-task adapter)
+            continue
+        print(f"{name}* (not learnt): novelty AUROC {entry['auroc']:.3f} against the learnt tasks' records")
+        flagged, fence = _percent(entry["flagged_at_suggested_fence"]), entry["suggested_fence"]
+        print(
+            f"  {flagged}% beyond fence {fence:.2f}, the smallest that keeps 99% of the learnt tasks' "
+            f"records (locator_open_set_fence: {config.locator_open_set_fence:g})"
+        )
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     from .evaluation import locate_records
-    from .metrics import confusion_matrix, locator_accuracy, open_set_rate
+    from .metrics import confusion_matrix, locator_accuracy, open_set_check, open_set_rate
 
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise CommandError(f"--image-root: directory not found: {args.image_root}")
@@ -632,6 +645,15 @@ def cmd_locate(args: argparse.Namespace) -> int:
                 },
             }
         )
+        # how well the novelty score flags each not-learnt task's records (needs a locator's scores)
+        novelty = located.novelty
+        learnt_novelty = [
+            v for v, true in zip(novelty, truth, strict=True) if true in known and v is not None
+        ]
+        for name, entry in report["not_learnt"].items():
+            theirs = [v for v, true in zip(novelty, truth, strict=True) if true == name and v is not None]
+            if learnt_novelty and theirs:
+                entry.update(open_set_check(learnt_novelty, theirs))
 
     if args.summary:
         where = ", ".join(args.data)
@@ -645,6 +667,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
             print("\n".join(_confusion_table(rows, known, none)))
             print(f"locator accuracy: {_percent(report['locator_accuracy'])}% (records of learnt tasks)")
             print(f"open-set rate: {_percent(report['open_set_rate'])}%{_open_set_words(saved)}")
+            _print_open_set_checks(report["not_learnt"], saved)
     else:
         for index, record in enumerate(records):
             line: dict[str, Any] = {"index": index}

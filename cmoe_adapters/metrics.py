@@ -7,6 +7,7 @@ entries are left out of every average rather than counted as zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from statistics import mean
 
@@ -123,3 +124,22 @@ def auroc(known: Sequence[float], unknown: Sequence[float]) -> float:
         position = end
     n_unknown = len(unknown)
     return (rank_sum - n_unknown * (n_unknown + 1) / 2) / (n_unknown * len(known))
+
+
+def open_set_check(known: Sequence[float], unknown: Sequence[float], keep: float = 0.99) -> dict[str, float]:
+    """How well the locator's novelty score flags records of a task it never learnt, on your data.
+
+    ``auroc``: threshold-free (see `auroc`). ``suggested_fence``: the smallest fence (a value for
+    ``locator_open_set_fence``, at least 0) that keeps `keep` of the learnt tasks' records inside;
+    it is chosen from the learnt records alone. ``flagged_at_suggested_fence``: the share of the
+    unknown records beyond it.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep={keep!r}: must be in (0, 1].")
+    ordered = sorted(float(v) for v in known)
+    fence = max(0.0, ordered[max(0, math.ceil(keep * len(ordered)) - 1)]) if ordered else math.nan
+    return {
+        "auroc": auroc(known, unknown),
+        "suggested_fence": fence,
+        "flagged_at_suggested_fence": sum(float(v) > fence for v in unknown) / len(unknown),
+    }

@@ -450,9 +450,17 @@ def test_locate_puts_records_of_no_learnt_task_in_the_none_column(trained, tmp_p
         "counts": [[4, 0, 0], [0, 4, 0]],
     }
     assert report["locator_accuracy_per_task"] == {"color": 1.0, "shape": 1.0}
-    assert report["open_set_rate"] == 0.0 and report["not_learnt"] == {
-        "describe": {"records": 4, "located_none": 1.0}
-    }
+    describe = report["not_learnt"]["describe"]
+    assert report["open_set_rate"] == 0.0 and list(report["not_learnt"]) == ["describe"]
+    assert describe["records"] == 4 and describe["located_none"] == 1.0
+    # every describe record is more novel than every learnt one (see the JSON lines above)
+    assert describe["auroc"] == 1.0 and describe["flagged_at_suggested_fence"] == 1.0
+    assert describe["suggested_fence"] == max(0.0, max(known))  # keeps 99% of 8: all of them
+    check = printed.index("describe* (not learnt): novelty AUROC 1.000 against the learnt tasks' records")
+    assert (
+        printed[check + 1].startswith("  100.0% beyond fence")
+        and "(locator_open_set_fence: 10)" in printed[check + 1]
+    )
 
     assert cli.main(["locate", "--adapter", adapter, *files, "--task", "color"]) == 2
     assert "3 --data but 1 --task" in capsys.readouterr().err

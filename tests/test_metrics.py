@@ -15,6 +15,7 @@ from cmoe_adapters.metrics import (
     forgetting,
     locator_accuracy,
     mean_average_accuracy,
+    open_set_check,
     open_set_rate,
 )
 
@@ -165,3 +166,15 @@ def test_results_name_each_task_s_metric_and_the_papers_columns(tmp_path):
     assert "| Avg (mean_average_accuracy) | 55.0 |" in markdown and "| BWT (bwt) | -10.0 |" in markdown
     result.save(str(tmp_path))
     assert ContinualResult.load(str(tmp_path)).task_metrics == ["vqa", "option_letter"]
+
+
+def test_open_set_check_picks_its_fence_from_the_learnt_records_alone():
+    known = [float(v) for v in range(-50, 50)]  # 100 learnt records' novelty
+    check = open_set_check(known, [48.5, 60.0, -3.0, 100.0])
+    assert check["suggested_fence"] == 48.0  # the 99th of 100, so one learnt record lies beyond
+    assert check["flagged_at_suggested_fence"] == 0.75
+    assert check["auroc"] == pytest.approx(auroc(known, [48.5, 60.0, -3.0, 100.0]))
+    assert open_set_check([-5.0, -2.0], [1.0])["suggested_fence"] == 0.0  # a fence is never negative
+    assert open_set_check(known, [0.0], keep=1.0)["suggested_fence"] == 49.0
+    with pytest.raises(ValueError, match="keep=0"):
+        open_set_check(known, [0.0], keep=0)
