@@ -28,10 +28,12 @@ separates a kind that no detector flags, the kind is separable but lies inside t
 spread of this feature.
 
 Bases: the random tiny LLaVA and the demo's shipped one (64x64 images, 16-pixel patches: 16
-image tokens), and the random one with 8- and 4-pixel patches (64 and 256 image tokens, same
-widths; LLaVA-1.5 has 576 per image).
+image tokens), the random one with 8- and 4-pixel patches (64 and 256 image tokens, same widths;
+LLaVA-1.5 has 576 per image), and the random one whose vision tower first learns to tell apart
+seven other synthetic image kinds, none of the stream's (`other_image_kinds.py`): a stand-in, at
+toy scale, for a tower pretrained on more images than the stream shows it.
 
-    python benchmarks/locator_image_unknowns.py [--train 1000] [--test 200] [--threads 1]
+    python benchmarks/locator_image_unknowns.py [--train 1000] [--test 200] [--threads 1] [--bases ...]
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from cmoe_adapters.experts import ContinualMoELayer
 from cmoe_adapters.features import PromptMasks, image_token_ids, pool_features
 from cmoe_adapters.metrics import auroc
 
+from other_image_kinds import OTHER_KINDS, pretrained_tower_llava
+
 CONFIG = ContinualMoEConfig()
 FENCE, RANK, HELD_OUT = (
     CONFIG.locator_open_set_fence,
@@ -71,6 +75,7 @@ BASES: dict[str, Callable] = {
     "shipped, 16 image tokens": shipped_base,
     "random, 64 image tokens": lambda: build_tiny_llava(seed=0, extra_words=STREAM_WORDS, patch_size=8),
     "random, 256 image tokens": lambda: build_tiny_llava(seed=0, extra_words=STREAM_WORDS, patch_size=4),
+    f"pretrained on {len(OTHER_KINDS)} other kinds, 16 image tokens": lambda: pretrained_tower_llava()[:2],
 }
 
 
@@ -274,6 +279,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1000, help="train inputs per task")
     parser.add_argument("--test", type=int, default=200, help="test inputs per task and per unknown kind")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES), metavar="BASE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -294,8 +300,8 @@ def main() -> None:
         + " | fit s |"
     )
     print("|---|---|---:|---:|" + "---:|" * len(IMAGE_ONLY) + "---:|")
-    for base_name, make in BASES.items():
-        base, processor = make()
+    for base_name in args.bases:
+        base, processor = BASES[base_name]()
         base.eval()
         capture = FirstLayerInput(base, processor)
         data = {part: {k: capture(r) for k, r in group.items()} for part, group in records.items()}
