@@ -130,16 +130,17 @@ def open_set_check(known: Sequence[float], unknown: Sequence[float], keep: float
     """How well the locator's novelty score flags records of a task it never learnt, on your data.
 
     ``auroc``: threshold-free (see `auroc`). ``suggested_fence``: the smallest fence (a value for
-    ``locator_open_set_fence``, at least 0) that keeps `keep` of the learnt tasks' records inside;
+    ``locator_open_set_fence``, at least 0) that keeps at least `keep` of the learnt tasks' records inside;
     it is chosen from the learnt records alone. ``flagged_at_suggested_fence``: the share of the
     unknown records beyond it.
     """
     if not 0 < keep <= 1:
         raise ValueError(f"keep={keep!r}: must be in (0, 1].")
+    area = auroc(known, unknown)  # also refuses an empty side
     ordered = sorted(float(v) for v in known)
-    fence = max(0.0, ordered[max(0, math.ceil(keep * len(ordered)) - 1)]) if ordered else math.nan
+    fence = max(0.0, ordered[max(0, math.ceil(keep * len(ordered)) - 1)])
     return {
-        "auroc": auroc(known, unknown),
+        "auroc": area,
         "suggested_fence": fence,
         "flagged_at_suggested_fence": sum(float(v) > fence for v in unknown) / len(unknown),
     }
