@@ -48,7 +48,7 @@ from peft import get_peft_model
 
 from cmoe_adapters import ContinualMoEConfig
 from cmoe_adapters.data import VisionLanguageCollator
-from cmoe_adapters.densities import TaskGaussian, raw_scores, stack
+from cmoe_adapters.densities import TaskGaussian, raw_scores, stack, tukey_fence
 from cmoe_adapters.easyvqa import build_tiny_llava, shipped_base
 from cmoe_adapters.easyvqa.streams import (
     SAME_QUESTION_TASKS,
@@ -58,6 +58,7 @@ from cmoe_adapters.easyvqa.streams import (
 )
 from cmoe_adapters.experts import ContinualMoELayer
 from cmoe_adapters.features import PromptMasks, image_token_ids, pool_features
+from cmoe_adapters.locator import held_out_split
 from cmoe_adapters.metrics import auroc
 
 from other_image_kinds import OTHER_KINDS, pretrained_tower_llava
@@ -217,12 +218,10 @@ def evaluate(fit: Candidate, normalised: bool, train: dict, test: dict, unknown:
     scorers, fences = [], []
     for task in SAME_QUESTION_TASKS:
         samples = train[task]
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
-        held_out = max(2, round(len(samples) * HELD_OUT))
-        scorer = fit(samples[order[held_out:]])
-        lower, upper = torch.quantile(scorer(samples[order[:held_out]]), torch.tensor([0.25, 0.75]))
+        held_out, kept = held_out_split(len(samples), HELD_OUT, torch.Generator().manual_seed(0))
+        scorer = fit(samples[kept])
         scorers.append(scorer)
-        fences.append((upper, (upper - lower).clamp_min(1e-6)))
+        fences.append(tukey_fence(scorer(samples[held_out])))
     fit_s = time.perf_counter() - start
 
     def assess(samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:

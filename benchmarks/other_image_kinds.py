@@ -10,25 +10,19 @@ checkerboards, easy-vqa shapes).
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import sys
 from collections.abc import Callable
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from cmoe_adapters.easyvqa import build_tiny_llava
-from cmoe_adapters.easyvqa.streams import STREAM_WORDS
+from cmoe_adapters.easyvqa.streams import STREAM_WORDS, glyph_font
 from cmoe_adapters.easyvqa.tiny_llava import IMAGE_SIZE
 
 Color = tuple[int, int, int]
-
-
-@functools.cache
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
 
 
 def _color(rng: random.Random, low: int = 0, high: int = 255) -> Color:
@@ -44,7 +38,7 @@ def letters(rng: random.Random) -> Image.Image:
     image, draw = _canvas(rng, low=150)
     size = rng.randint(24, 48)
     position = (rng.randint(0, 30), rng.randint(-8, 30))
-    draw.text(position, chr(65 + rng.randrange(26)), fill=_color(rng, 0, 90), font=font(size))
+    draw.text(position, chr(65 + rng.randrange(26)), fill=_color(rng, 0, 90), font=glyph_font(size))
     return image
 
 
@@ -93,7 +87,7 @@ def text_lines(rng: random.Random) -> Image.Image:
     image, draw = _canvas(rng, low=150)
     for row in range(rng.randint(2, 5)):
         word = "".join(chr(97 + rng.randrange(26)) for _ in range(rng.randint(3, 8)))
-        draw.text((rng.randint(0, 8), 4 + 14 * row), word, fill=_color(rng, 0, 90), font=font(12))
+        draw.text((rng.randint(0, 8), 4 + 14 * row), word, fill=_color(rng, 0, 90), font=glyph_font(12))
     return image
 
 

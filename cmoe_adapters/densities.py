@@ -74,10 +74,20 @@ class TaskDensity(nn.Module):
         scores = held_out_scores.float()
         self.score_mean.copy_(scores.mean())
         self.score_std.copy_(scores.std(unbiased=False).clamp_min(1e-6 + 1e-3 * scores.mean().abs()))
-        lower, upper = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device))
+        upper, spread = tukey_fence(scores)
         self.score_upper.copy_(upper)
-        self.score_spread.copy_((upper - lower).clamp_min(1e-6 + 1e-3 * upper.abs()))
+        self.score_spread.copy_(spread)
         self.fitted.fill_(True)
+
+
+def tukey_fence(held_out_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The open-set fence's anchor and unit: upper quartile and (floored) interquartile range.
+
+    A task accepts a score up to ``upper + fence * spread``; novelty is ``(score - upper) / spread``.
+    """
+    scores = held_out_scores.float()
+    lower, upper = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device))
+    return upper, (upper - lower).clamp_min(1e-6 + 1e-3 * upper.abs())
 
 
 class TaskGaussian(TaskDensity):

@@ -76,6 +76,15 @@ class TaskLocation:
     unknown: torch.Tensor
 
 
+def held_out_split(
+    count: int, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(held_out, kept)`` of `count` features: `fraction` (at least 2) held out at random."""
+    order = torch.randperm(count, generator=generator)
+    held_out = max(2, round(count * fraction))
+    return order[:held_out], order[held_out:]
+
+
 def _after_load(module: TaskLocator, incompatible_keys: object) -> None:
     module._changed()
 
@@ -168,9 +177,8 @@ class TaskLocator(nn.Module):
                 f"Task {task_name!r} has {features.shape[0]} locator features; at least 4 are needed."
             )
         generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(features.shape[0], generator=generator).to(device)
-        held_out = max(2, round(features.shape[0] * calibration_fraction))
-        calibration, train = features[order[:held_out]], features[order[held_out:]]
+        held_out, kept = held_out_split(features.shape[0], calibration_fraction, generator)
+        calibration, train = features[held_out.to(device)], features[kept.to(device)]
         loss = None
         if isinstance(density, TaskGaussian):
             density.fit(train)
@@ -185,7 +193,7 @@ class TaskLocator(nn.Module):
             task=task_name,
             density=self.density,
             train_samples=train.shape[0],
-            calibration_samples=held_out,
+            calibration_samples=held_out.numel(),
             final_loss=loss,
             score_mean=float(density.score_mean),
             score_std=float(density.score_std),

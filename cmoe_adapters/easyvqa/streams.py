@@ -45,7 +45,8 @@ IMAGE_KINDS: tuple[str, ...] = ("digits", "patches", "stripes", "shapes")
 
 
 @functools.cache
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def glyph_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """PIL's bundled font at `size` pixels (nothing to download), loaded once per size."""
     return ImageFont.load_default(size=size)
 
 
@@ -57,7 +58,7 @@ def _digit(rng: random.Random) -> tuple[Image.Image, str]:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), ground)
     size = rng.randint(30, 48)
     x, y = rng.randint(4, 64 - size // 2 - 8), rng.randint(-8, 64 - size)
-    ImageDraw.Draw(image).text((x, y), str(label), fill=ink, font=_font(size))
+    ImageDraw.Draw(image).text((x, y), str(label), fill=ink, font=glyph_font(size))
     return image, DIGITS[label]
 
 

@@ -40,12 +40,19 @@ from .tasks import COLORS, SHAPES
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+
+
+def image_tokens(patch_size: int = PATCH_SIZE) -> int:
+    """Image tokens per 64x64 image (LLaVA's projector maps each patch to one token)."""
+    return (IMAGE_SIZE // patch_size) ** 2
+
+
+NUM_IMAGE_TOKENS = image_tokens()
 _TEXT_POSITIONS = 240  # room for the prompt and answer beside the image tokens (256 positions at patch 16)
 
 
 def _max_length(patch_size: int) -> int:
-    return _TEXT_POSITIONS + (IMAGE_SIZE // patch_size) ** 2
+    return _TEXT_POSITIONS + image_tokens(patch_size)
 
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -157,7 +164,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, patch_size: int = PATCH_SIZ
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_seq_length=(IMAGE_SIZE // patch_size) ** 2,
+        image_seq_length=image_tokens(patch_size),
         vision_feature_layer=-1,  # the last layer: with only two, -2 would waste half the tower
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
